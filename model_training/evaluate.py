@@ -1,0 +1,137 @@
+"""Evaluate a checkpoint (``best.pt``) or an exported ONNX artifact folder on a data split.
+
+Writes ``report.json`` and ``confusion_matrix.png`` to ``--out`` and prints a summary, or
+the figures as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DEFAULT_DATA
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    per_class = {}
+    for i, lab in enumerate(labels):
+        tp = int(cm[i, i])
+        fp = int(cm[:, i].sum() - tp)
+        fn = int(cm[i, :].sum() - tp)
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        per_class[lab] = {"precision": p, "recall": r, "f1": f1, "support": int(cm[i, :].sum())}
+    acc = float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
+    macro_f1 = float(np.mean([v["f1"] for v in per_class.values()]))
+    return {"accuracy": acc, "macro_f1": macro_f1, "n": int(cm.sum()), "labels": labels,
+            "per_class": per_class, "confusion_matrix": cm.tolist()}
+
+
+def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(report["confusion_matrix"])
+    labels = report["labels"]
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(labels), 1 + 0.6 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black", fontsize=8)
+    ax.set_title(f"{title}\naccuracy {report['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Probabilities from an exported artifact, through the service's own preprocessing."""
+    import onnxruntime as ort
+
+    from service.artifact import load_manifest
+    from service.preprocessing import TextEncoder
+
+    manifest = load_manifest(model_dir)
+    text = TextEncoder.from_file(model_dir / manifest.tokenizer_file, manifest.max_len)
+    sess = ort.InferenceSession(str(model_dir / manifest.model_file), providers=["CPUExecutionProvider"])
+    out = []
+    for s in range(0, len(captions), batch_size):
+        ids = text.pad(text.encode_batch(captions[s : s + batch_size]))
+        out.append(sess.run(["probabilities"], {"image": images[s : s + batch_size], "input_ids": ids})[0])
+    probs = np.concatenate(out) if out else np.zeros((0, len(manifest.labels)), np.float32)
+    return probs, manifest.labels
+
+
+def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Path | None) -> dict[str, Any]:
+    from .data import load_data
+
+    path = Path(target)
+    if path.is_dir():  # exported artifact
+        from service.artifact import load_manifest
+
+        manifest = load_manifest(path)
+        image_size = manifest.image_size
+        seed = manifest.data.get("seed", 0) if seed is None else seed
+        fracs = manifest.data.get("val_frac", 0.1), manifest.data.get("test_frac", 0.1)
+        loaded = load_data(data, image_size, int(seed), manifest.data.get("label_key", "label"), None, *fracs)
+        sp = loaded.splits[split]
+        probs, labels = onnx_predict(path, sp.images, sp.captions)
+    else:  # checkpoint
+        from .train import load_checkpoint, predict_probs, text_encoder_from_checkpoint, to_tensors
+
+        model, ckpt = load_checkpoint(path)
+        tc = ckpt["train_config"]
+        seed = tc["seed"] if seed is None else seed
+        loaded = load_data(data, model.cfg.image_size, int(seed), tc["label_key"], tc["label_map"],
+                           tc["val_frac"], tc["test_frac"])
+        labels = list(ckpt["labels"])
+        sp = loaded.splits[split]
+        probs = predict_probs(model, to_tensors(sp, text_encoder_from_checkpoint(ckpt), labels))
+    index = {lab: i for i, lab in enumerate(labels)}
+    y_true = np.array([index[x] for x in sp.labels], dtype=np.int64)
+    report = classification_report(y_true, probs.argmax(-1), labels)
+    report.update({"target": str(target), "split": split, "seed": seed, "skipped": loaded.report.to_dict()})
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        plot_confusion(report, out / "confusion_matrix.png", f"{path.name} on {split}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model_training evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="a checkpoint (.pt) or an exported model folder")
+    p.add_argument("--data", default=DEFAULT_DATA, help="shards, shard folders or manifests, comma separated")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model was trained with)")
+    p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = build_parser().parse_args(argv)
+    out = Path(a.out) if a.out else (Path(a.target) if Path(a.target).is_dir() else Path(a.target).parent) / "eval"
+    report = evaluate(a.target, a.data.split(","), a.split, a.seed, out)
+    if a.json:
+        print(json.dumps(report, indent=2))  # noqa: T201
+    else:
+        print(f"{a.target} on {a.split}: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, n={report['n']}")  # noqa: T201
+        for lab, m in report["per_class"].items():
+            print(f"  {lab:>14}  P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  n={m['support']}")  # noqa: T201
+        print(f"report: {out / 'report.json'}, confusion matrix: {out / 'confusion_matrix.png'}")  # noqa: T201
+    return report

@@ -1,0 +1,205 @@
+"""Training: Adam, lr 1e-3, batch 32 (the paper's settings), early stopping on validation.
+
+The run folder gets ``config.yaml`` (resolved), ``tokenizer.json``, ``log.jsonl`` (one
+line per epoch), ``best.pt`` (best validation accuracy), ``metrics.json`` and
+``skipped.json`` (what the readers skipped and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from service.preprocessing import TextEncoder, train_tokenizer
+
+from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
+from .data import DecodedSplit, LoadedData, load_data
+from .model import FusedClassifier, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Tensors:
+    images: torch.Tensor  # uint8 [N, S, S, 3]
+    ids: list[list[int]]  # unpadded token ids
+    targets: torch.Tensor  # int64 [N]
+
+
+def to_tensors(split: DecodedSplit, text: TextEncoder, labels: list[str]) -> Tensors:
+    index = {lab: i for i, lab in enumerate(labels)}
+    ids = [e.ids for e in text.encode_batch(split.captions)] if len(split) else []
+    return Tensors(torch.from_numpy(split.images), ids, torch.tensor([index[x] for x in split.labels], dtype=torch.long))
+
+
+def pad_ids(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def iterate(t: Tensors, batch_size: int, order: np.ndarray | None = None) -> Any:
+    idx = order if order is not None else np.arange(len(t.targets))
+    for start in range(0, len(idx), batch_size):
+        b = idx[start : start + batch_size]
+        yield t.images[b], pad_ids([t.ids[i] for i in b]), t.targets[b]
+
+
+@torch.no_grad()
+def predict_probs(model: FusedClassifier, t: Tensors, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = [torch.softmax(model(img, ids)[0], -1) for img, ids, _ in iterate(t, batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.num_classes), np.float32)
+
+
+def accuracy(probs: np.ndarray, targets: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == targets.numpy()).mean()) if len(targets) else float("nan")
+
+
+def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text: TextEncoder,
+                    cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    torch.save({
+        "model_config": model.cfg.to_dict(),
+        "state_dict": model.state_dict(),
+        "labels": labels,
+        "max_len": cfg.max_len,
+        "tokenizer": text.tokenizer.to_str(),  # type: ignore[attr-defined]
+        "train_config": config_to_dict(cfg),
+        "extra": extra,
+    }, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[FusedClassifier, dict[str, Any]]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    mcfg = dict(ckpt["model_config"])
+    model = build_model(ModelConfig(**mcfg))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def text_encoder_from_checkpoint(ckpt: dict[str, Any]) -> TextEncoder:
+    from tokenizers import Tokenizer
+
+    return TextEncoder(Tokenizer.from_str(ckpt["tokenizer"]), int(ckpt["max_len"]))
+
+
+def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
+    """Train one model as configured; returns the run's summary (also in metrics.json)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    if data is None:
+        data = load_data(cfg.data, cfg.model.image_size, cfg.seed, cfg.label_key, cfg.label_map,
+                         cfg.val_frac, cfg.test_frac)
+    if len(data.splits["train"]) == 0:
+        raise SystemExit(f"no training samples in {cfg.data}\n{data.report.summary()}")
+    (out / "skipped.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+
+    tok = train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq)
+    text = TextEncoder(tok, cfg.max_len)
+    text.tokenizer.save(str(out / "tokenizer.json"))
+    cfg.model.num_classes = len(data.labels)
+    cfg.model.vocab_size = text.vocab_size
+    cfg.model.pad_id = text.pad_id
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    tr, va, te = (to_tensors(data.splits[s], text, data.labels) for s in ("train", "val", "test"))
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    best_val, best_epoch, stale = -1.0, -1, 0
+    log_path = out / "log.jsonl"
+    log_path.write_text("")
+    t0 = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(len(tr.targets))
+        total, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(iterate(tr, cfg.batch_size, order), total=-(-len(order) // cfg.batch_size),
+                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for img, ids, y in bar:
+            logits, _ = model(img, ids)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+            bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+        val_probs = predict_probs(model, va)
+        val_acc = accuracy(val_probs, va.targets)
+        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_probs) + 1e-12), va.targets)) if len(va.targets) else float("nan")
+        row = {"epoch": epoch, "train_loss": loss_sum / total, "train_acc": correct / total,
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1)}
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
+                 row["train_loss"], row["train_acc"], val_loss, val_acc)
+        # an empty val split (tiny data) falls back to keeping the latest epoch
+        score = val_acc if val_acc == val_acc else float(epoch)
+        if score > best_val:
+            best_val, best_epoch, stale = score, epoch, 0
+            save_checkpoint(out / "best.pt", model, data.labels, text, cfg, {"epoch": epoch, "val_acc": val_acc})
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
+                break
+
+    model, _ = load_checkpoint(out / "best.pt")
+    summary = {
+        "mode": cfg.model.mode,
+        "best_epoch": best_epoch,
+        "epochs_run": epoch,
+        "train_acc": accuracy(predict_probs(model, tr), tr.targets),
+        "val_acc": accuracy(predict_probs(model, va), va.targets),
+        "test_acc": accuracy(predict_probs(model, te), te.targets),
+        "n_train": len(tr.targets), "n_val": len(va.targets), "n_test": len(te.targets),
+        "skipped": data.report.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info(data.report.summary())
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model_training train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))  # noqa: T201
+    print(f"skipped: {summary['skipped'] or 'none'}")  # noqa: T201
+    return summary

@@ -1,0 +1,298 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; the model loads in ``lifespan``.
+
+Image decoding and inference run in worker threads (never on the event loop), each
+behind its own limiter, so /healthz and /readyz answer while inference is busy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .errors import BadRequest, InvalidField, NotReady, PayloadTooLarge, error_body, install_error_handlers
+from .metrics import Metrics
+from .middleware import RequestContextMiddleware
+from .predictor import Prediction, Predictor
+from .preprocessing import EncodedText, ImageError, load_image
+from .schemas import (
+    BatchRequest,
+    BatchResponse,
+    ClassifyResponse,
+    Health,
+    ModelInfo,
+    Readiness,
+    error_responses,
+)
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_FORM_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary",
+                              "description": "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF file"},
+                    "description": {"type": "string", "description": "caption text; optional, may be empty",
+                                    "example": "a cherry tomato on the kitchen table"},
+                },
+            },
+        }},
+    }
+}
+
+
+class ImageLoadFailed(Exception):
+    def __init__(self, err: ImageError) -> None:
+        self.err = err
+
+
+def _image_error_status(err: ImageError) -> int:
+    return 413 if err.code == "image_too_large" else 400
+
+
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None, load_model: bool = True) -> FastAPI:
+    """Build the app. ``predictor`` may come loaded (``python -m service`` loads before binding)."""
+    settings = settings or Settings()
+    predictor = predictor or Predictor(settings)
+    metrics = Metrics()
+    cores = os.cpu_count() or 1
+    decode_limiter = anyio.CapacityLimiter(settings.decode_threads or cores)
+    # one onnxruntime call at a time: each already uses intra_op_threads cores
+    infer_limiter = anyio.CapacityLimiter(1)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load_model and not predictor.ready:
+            await anyio.to_thread.run_sync(predictor.load)
+        if predictor.ready and predictor.manifest is not None:
+            metrics.model_info.labels(predictor.manifest.name, predictor.manifest.version, predictor.providers[0]).set(1)
+        yield
+
+    app = FastAPI(
+        title="Image + text classifier",
+        version=__version__,
+        description="Classifies an image together with its description (Kim & Lee 2023 fused model), on ONNX Runtime.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.predictor, app.state.metrics = settings, predictor, metrics
+    install_error_handlers(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+
+    def require_ready() -> None:
+        if not predictor.ready:
+            raise NotReady(f"the model is not ready (state: {predictor.state})", headers={"Retry-After": "5"})
+
+    async def decode(data: bytes) -> np.ndarray:
+        assert predictor.manifest is not None
+        size = predictor.manifest.image_size
+        try:
+            arr = await anyio.to_thread.run_sync(load_image, data, size, settings.max_image_pixels, limiter=decode_limiter)
+        except ImageError as err:
+            metrics.images_decoded.labels("error").inc()
+            raise ImageLoadFailed(err) from err
+        metrics.images_decoded.labels("ok").inc()
+        return arr
+
+    async def infer(images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
+        def run() -> list[Prediction]:
+            with metrics.inference_latency.time():
+                return predictor.predict(images, encoded)
+
+        return await anyio.to_thread.run_sync(run, limiter=infer_limiter)
+
+    def result(p: Prediction, top_k: int, explain: bool, request_id: str) -> dict[str, Any]:
+        assert predictor.manifest is not None
+        labels = predictor.manifest.labels
+        order = np.argsort(-p.probabilities, kind="stable")[:top_k]
+        out: dict[str, Any] = {
+            "label": labels[int(order[0])],
+            "confidence": float(p.probabilities[order[0]]),
+            "predictions": [{"label": labels[int(i)], "score": float(p.probabilities[i])} for i in order],
+            "model": {"name": predictor.manifest.name, "version": predictor.manifest.version},
+            "request_id": request_id,
+        }
+        if explain:
+            out["text_attention"] = [{"token": t, "weight": float(w)} for t, w in zip(p.tokens, p.attention, strict=True)]
+        return out
+
+    def check_top_k(top_k: int) -> None:
+        assert predictor.manifest is not None
+        n = len(predictor.manifest.labels)
+        if top_k > n:
+            raise InvalidField(f"top_k must be between 1 and {n} (the number of labels), got {top_k}", code="validation_error")
+
+    def check_description(text: str, where: str = "description") -> None:
+        if len(text) > settings.max_description_chars:
+            raise InvalidField(f"{where} has {len(text)} characters; the limit is {settings.max_description_chars}",
+                               code="description_too_long")
+
+    @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_FORM_SCHEMA, response_model_exclude_none=True,
+              summary="Classify one image with its description",
+              responses=error_responses(400, 401, 413, 415, 422, 500, 503))
+    async def classify(
+        request: Request,
+        top_k: int = Query(3, ge=1, description="how many labels to return (1..number of labels)"),
+        explain: bool = Query(False, description="also return the caption tokens' attention weights"),
+    ) -> Any:
+        require_ready()
+        check_top_k(top_k)
+        try:
+            form = await request.form(max_files=4, max_fields=8, max_part_size=1024 * 1024)
+        except PayloadTooLarge:
+            raise
+        except UnicodeDecodeError as exc:
+            raise BadRequest("the description is not valid UTF-8", code="invalid_description") from exc
+        except StarletteHTTPException as exc:
+            raise BadRequest(f"the request body is not valid multipart/form-data: {exc.detail}") from exc
+        try:
+            unknown = sorted(set(form.keys()) - {"image", "description"})
+            if unknown:
+                raise InvalidField(f"unknown form field(s): {', '.join(unknown)}; send 'image' and 'description'",
+                                   code="unknown_field")
+            images = form.getlist("image")
+            if not images:
+                raise InvalidField("the 'image' file field is required", code="missing_field")
+            if len(images) > 1:
+                raise InvalidField("send exactly one 'image' file field", code="invalid_field")
+            upload = images[0]
+            if not isinstance(upload, UploadFile):
+                raise InvalidField("'image' must be a file part (with a filename), not a text field", code="invalid_field")
+            descriptions = form.getlist("description")
+            if len(descriptions) > 1:
+                raise InvalidField("send at most one 'description' field", code="invalid_field")
+            description = descriptions[0] if descriptions else ""
+            if not isinstance(description, str):
+                raise InvalidField("'description' must be a text field, not a file", code="invalid_field")
+            check_description(description)
+            if upload.size is not None and upload.size > settings.max_upload_bytes:
+                raise PayloadTooLarge(f"the image file is {upload.size} bytes; the limit is {settings.max_upload_bytes}")
+            data = await upload.read()
+        finally:
+            await form.close()
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the image file is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
+        try:
+            image = await decode(data)
+        except ImageLoadFailed as f:
+            status = _image_error_status(f.err)
+            return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
+        pred = (await infer(image[None], predictor.encode([description])))[0]
+        return result(pred, top_k, explain, request.state.request_id)
+
+    @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True, summary="Classify up to 64 images in one call",
+              responses=error_responses(400, 401, 413, 415, 422, 500, 503))
+    async def classify_batch(
+        request: Request,
+        payload: BatchRequest,
+        top_k: int = Query(3, ge=1, description="how many labels to return per item"),
+        explain: bool = Query(False, description="also return each caption's attention weights"),
+    ) -> Any:
+        require_ready()
+        check_top_k(top_k)
+        items = payload.items
+        if len(items) > settings.max_batch_items:
+            raise InvalidField(f"the batch has {len(items)} items; the limit is {settings.max_batch_items}",
+                               code="too_many_items")
+        if not items:
+            raise InvalidField("the batch has no items", code="validation_error")
+        rid = request.state.request_id
+        results: list[dict[str, Any] | None] = [None] * len(items)
+
+        async def prepare(i: int) -> np.ndarray | None:
+            item = items[i]
+            try:
+                data = base64.b64decode(item.image_base64, validate=True)
+            except (binascii.Error, ValueError):
+                results[i] = {"error": {"code": "bad_base64", "message": f"items[{i}].image_base64 is not valid base64"}}
+                return None
+            if len(data) > settings.max_upload_bytes:
+                results[i] = {"error": {"code": "payload_too_large",
+                                        "message": f"items[{i}] is {len(data)} bytes; the limit is {settings.max_upload_bytes}"}}
+                return None
+            if len(item.description) > settings.max_description_chars:
+                results[i] = {"error": {"code": "description_too_long",
+                                        "message": f"items[{i}].description has {len(item.description)} characters; "
+                                                   f"the limit is {settings.max_description_chars}"}}
+                return None
+            try:
+                return await decode(data)
+            except ImageLoadFailed as f:
+                results[i] = {"error": {"code": f.err.code, "message": f"items[{i}]: {f.err}"}}
+                return None
+
+        arrays: list[np.ndarray | None] = [None] * len(items)
+
+        async def prepare_into(i: int) -> None:
+            arrays[i] = await prepare(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(items)):
+                tg.start_soon(prepare_into, i)
+        good = [i for i, a in enumerate(arrays) if a is not None]
+        if good:
+            stacked = np.stack([arrays[i] for i in good])  # type: ignore[misc]
+            preds = await infer(stacked, predictor.encode([items[i].description for i in good]))
+            for i, p in zip(good, preds, strict=True):
+                results[i] = result(p, top_k, explain, f"{rid}-{i}")
+        return {"results": results}
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process serves HTTP")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, summary="Readiness: the model is loaded and warmed",
+             responses=error_responses(503))
+    async def readyz(request: Request) -> Any:
+        if predictor.ready:
+            return {"status": "ready", "model": predictor.manifest.name if predictor.manifest else None,
+                    "provider": predictor.providers[0] if predictor.providers else None}
+        body = error_body("not_ready", f"the model is not ready (state: {predictor.state})", request.state.request_id)
+        body["status"] = predictor.state
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/model", response_model=ModelInfo, summary="The loaded model, its providers and the service limits",
+             responses=error_responses(401, 503))
+    async def model_info() -> Any:
+        require_ready()
+        m = predictor.manifest
+        assert m is not None
+        return {
+            "name": m.name, "version": m.version, "mode": m.mode, "labels": m.labels, "image_size": m.image_size,
+            "max_caption_tokens": m.max_len,
+            "inputs": [vars(t) for t in m.inputs], "outputs": [vars(t) for t in m.outputs],
+            "providers": predictor.providers, "metrics": m.metrics,
+            "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
+                       "max_description_chars": settings.max_description_chars,
+                       "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes},
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"example": "classifier_http_requests_total{...} 1.0"}}}})
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

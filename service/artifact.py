@@ -1,0 +1,128 @@
+"""The exported artifact: a folder with ``model.onnx``, ``tokenizer.json`` and ``manifest.json``.
+
+The manifest is the contract between training and serving (schema below). The writer
+lives in ``model_training.export``; this module reads and verifies it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, corrupt or inconsistent; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: uint8, int64, float32
+    shape: list[int | str]  # str entries are dynamic axes
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), list(d["shape"]))
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    name: str
+    version: str
+    created: str
+    labels: list[str]
+    image_size: int
+    max_len: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: dict[str, str]  # file name -> sha256
+    model_file: str = "model.onnx"
+    tokenizer_file: str = "tokenizer.json"
+    mode: str = "fused"
+    opset: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        try:
+            return cls(
+                schema_version=int(d["schema_version"]),
+                name=str(d["name"]),
+                version=str(d["version"]),
+                created=str(d.get("created", "")),
+                labels=[str(x) for x in d["labels"]],
+                image_size=int(d["image_size"]),
+                max_len=int(d["max_len"]),
+                inputs=[TensorSpec.from_dict(x) for x in d["inputs"]],
+                outputs=[TensorSpec.from_dict(x) for x in d["outputs"]],
+                files={str(k): str(v) for k, v in d["files"].items()},
+                model_file=str(d.get("model_file", "model.onnx")),
+                tokenizer_file=str(d.get("tokenizer_file", "tokenizer.json")),
+                mode=str(d.get("mode", "fused")),
+                opset=d.get("opset"),
+                data=dict(d.get("data", {})),
+                metrics=dict(d.get("metrics", {})),
+                libraries=dict(d.get("libraries", {})),
+                preprocessing=dict(d.get("preprocessing", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{MANIFEST}: missing or invalid field: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+
+def load_manifest(model_dir: str | Path, verify_checksums: bool = True) -> Manifest:
+    """Read and check ``manifest.json``: schema version, and the sha256 of every file it lists."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found (is CLASSIFIER_MODEL_DIR an exported model folder?)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: unsupported schema_version {raw.get('schema_version')!r}; this service reads {SCHEMA_VERSION}"
+        )
+    manifest = Manifest.from_dict(raw)
+    for required in (manifest.model_file, manifest.tokenizer_file):
+        if required not in manifest.files:
+            raise ArtifactError(f"{path}: 'files' does not list {required}")
+    if verify_checksums:
+        for name, expected in manifest.files.items():
+            f = model_dir / name
+            if not f.is_file():
+                raise ArtifactError(f"{f}: file not found (listed in {MANIFEST})")
+            actual = sha256_file(f)
+            if actual != expected:
+                raise ArtifactError(f"{f}: sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...): corrupt or replaced")
+    if len(manifest.labels) < 1:
+        raise ArtifactError(f"{path}: no labels")
+    return manifest

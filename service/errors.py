@@ -1,0 +1,126 @@
+"""Typed errors and the one place that turns any failure into the service's error body.
+
+Every non-2xx answer is ``{"error": {"code", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidField(ServiceError):
+    status, code = 422, "invalid_field"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+# error code -> (status, example message): drives the OpenAPI examples too
+ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
+    "invalid_image": (400, "the image could not be decoded: OSError"),
+    "unsupported_image_format": (400, "image format SVG is not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"),
+    "bad_base64": (400, "items[0].image_base64 is not valid base64"),
+    "bad_request": (400, "the request body is not valid multipart/form-data"),
+    "invalid_json": (400, "the request body is not valid JSON"),
+    "invalid_description": (400, "the description is not valid UTF-8"),
+    "unauthorized": (401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)"),
+    "not_found": (404, "no route GET /nope"),
+    "method_not_allowed": (405, "method GET not allowed on /classify"),
+    "payload_too_large": (413, "the request body exceeds 10485760 bytes"),
+    "image_too_large": (413, "the image is 30000x30000 = 900000000 pixels; the limit is 40000000"),
+    "unsupported_media_type": (415, "POST /classify takes multipart/form-data, not application/json"),
+    "missing_field": (422, "the 'image' file field is required"),
+    "invalid_field": (422, "'image' must be a file part, not a text field"),
+    "unknown_field": (422, "unknown form field(s): colour"),
+    "description_too_long": (422, "the description has 5000 characters; the limit is 2000"),
+    "validation_error": (422, "query.top_k: Input should be greater than or equal to 1"),
+    "too_many_items": (422, "the batch has 65 items; the limit is 64"),
+    "not_ready": (503, "the model is not loaded yet"),
+    "internal_error": (500, "internal error; see the service log with this request id"),
+}
+
+
+def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def request_id_of(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, request_id_of(request)), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(request, 400, "invalid_json", "the request body is not valid JSON")
+        parts = []
+        for err in errors[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        return error_response(request, 422, "validation_error", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        return error_response(request, exc.status_code, code, message, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        # the traceback goes to the log with the request id, never to the caller
+        log.error("unhandled error (request_id=%s): %s", request_id_of(request), type(exc).__name__, exc_info=exc)
+        return error_response(request, 500, "internal_error", "internal error; see the service log with this request id")

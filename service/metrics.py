@@ -1,0 +1,23 @@
+"""Prometheus metrics (prometheus_client), one registry per app so apps never share counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("classifier_http_requests_total", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.request_latency = Histogram("classifier_http_request_duration_seconds", "HTTP request latency",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inference_latency = Histogram("classifier_inference_duration_seconds",
+                                           "onnxruntime time per inference call", buckets=LATENCY_BUCKETS,
+                                           registry=self.registry)
+        self.images_decoded = Counter("classifier_images_decoded_total", "images decoded, by outcome",
+                                      ["outcome"], registry=self.registry)
+        self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",
+                                ["name", "version", "provider"], registry=self.registry)

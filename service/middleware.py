@@ -1,0 +1,142 @@
+"""One pure-ASGI middleware for what every request needs before and after its route.
+
+Request id, API key, content type per route, the streaming body limit, metrics, the
+access log line and response headers. Pure ASGI (not BaseHTTPMiddleware) so the body
+is counted as it streams in and an oversized upload is refused before it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .errors import PayloadTooLarge, error_body
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("service.access")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+ASGIApp = Callable[..., Any]
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and a description
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        # digests have equal length, so compare_digest's time does not depend on the key's length
+        self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
+        # route -> (required content type, body limit)
+        self.post_rules = {
+            "/classify": ("multipart/form-data", settings.max_upload_bytes + FORM_OVERHEAD + 4 * settings.max_description_chars),
+            "/classify/batch": ("application/json", settings.max_batch_body_bytes),
+        }
+
+    def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
+        assert self._key_digest is not None
+        supplied = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if supplied is None and auth[:7].lower() == b"bearer ":
+            supplied = auth[7:].strip()
+        digest = hashlib.sha256(supplied or b"").digest()
+        return hmac.compare_digest(digest, self._key_digest) and supplied is not None
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path, method = scope["path"], scope["method"]
+        status_holder = {"status": 500, "started": False, "override": False}
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if status_holder["override"]:
+                    return
+                if status_holder.get("too_large") and message["status"] != 413:
+                    # the framework turned the limit into another error; the caller must see 413
+                    status_holder["override"] = True
+                    body = json.dumps(error_body("payload_too_large", "the request body exceeds the limit", request_id)).encode()
+                    status_holder["status"], status_holder["started"] = 413, True
+                    await send({"type": "http.response.start", "status": 413, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"x-request-id", request_id.encode()), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+                hdrs += [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
+                message = {**message, "headers": hdrs}
+            elif message["type"] == "http.response.body" and status_holder["override"]:
+                return
+            await send(message)
+
+        async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+            body = json.dumps(error_body(code, msg, request_id)).encode()
+            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
+            await send_wrapped({"type": "http.response.start", "status": status, "headers": hdrs})
+            await send_wrapped({"type": "http.response.body", "body": body})
+
+        try:
+            if self._key_digest is not None and path not in OPEN_PATHS and not self._key_ok(headers):
+                await reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
+                            [(b"www-authenticate", b"Bearer")])
+                return
+            rule = self.post_rules.get(path) if method == "POST" else None
+            if rule is None:
+                await self.app(scope, receive, send_wrapped)
+                return
+            ctype, limit = rule
+            got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if got != ctype:
+                await reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
+                return
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await reply(413, "payload_too_large", f"the request body is {int(declared)} bytes; the limit is {limit}")
+                return
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        status_holder["too_large"] = True
+                        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except PayloadTooLarge as exc:
+                if not status_holder["started"]:
+                    await reply(413, "payload_too_large", exc.message)
+                return
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else path)
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(template, method, str(status_holder["status"])).inc()
+            self.metrics.request_latency.labels(template).observe(elapsed)
+            log.info("request_id=%s method=%s route=%s status=%s latency_ms=%.1f", request_id, method, template,
+                     status_holder["status"], elapsed * 1000)

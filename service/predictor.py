@@ -1,0 +1,199 @@
+"""The model behind the service: artifact checks, provider choice, warm-up, inference.
+
+Nothing here touches the event loop; the app calls ``predict`` from worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .artifact import ArtifactError, Manifest, load_manifest
+from .preprocessing import EncodedText, TextEncoder
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32"}
+_PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider cannot be used on this machine."""
+
+
+@dataclass
+class Prediction:
+    probabilities: np.ndarray  # float32 [C]
+    attention: np.ndarray  # float32 [L_real]
+    tokens: list[str]
+
+
+def gpu_present() -> bool:
+    """A cheap look for an NVIDIA device before asking onnxruntime to load CUDA libraries."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+class Predictor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manifest: Manifest | None = None
+        self.text: TextEncoder | None = None
+        self.session: ort.InferenceSession | None = None
+        self.providers: list[str] = []
+        self.state = "not_loaded"  # not_loaded -> loading -> ready | failed
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # --- loading -------------------------------------------------------------------
+    def _session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.settings.intra_op_threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return so
+
+    def _provider_list(self, kind: str) -> list[Any]:
+        dev = {"device_id": self.settings.device_id}
+        if kind == "cuda":
+            return [("CUDAExecutionProvider", dev), "CPUExecutionProvider"]
+        if kind == "tensorrt":
+            return [("TensorrtExecutionProvider", dev), ("CUDAExecutionProvider", dev), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _try_session(self, model_path: Path, kind: str) -> ort.InferenceSession:
+        # onnxruntime logs (and falls back) when CUDA libraries are missing; when we probe,
+        # we look at the outcome ourselves, so its error lines are muted for that one call
+        previous = 2
+        ort.set_default_logger_severity(4 if kind != "cpu" and self.settings.provider == "auto" else 3)
+        try:
+            return ort.InferenceSession(str(model_path), self._session_options(), providers=self._provider_list(kind))
+        finally:
+            ort.set_default_logger_severity(previous)
+
+    def _create_session(self, model_path: Path) -> ort.InferenceSession:
+        requested = self.settings.provider
+        available = ort.get_available_providers()
+        if requested == "cpu":
+            return self._try_session(model_path, "cpu")
+        if requested == "auto":
+            if "CUDAExecutionProvider" in available and gpu_present():
+                sess = self._try_session(model_path, "cuda")
+                if sess.get_providers()[0] == "CUDAExecutionProvider":
+                    return sess
+                log.info("CUDA is not usable here (onnxruntime fell back); using CPU")
+            return self._try_session(model_path, "cpu")
+        wanted = _PROVIDER_NAMES[requested]
+        if wanted not in available:
+            raise ProviderError(
+                f"CLASSIFIER_PROVIDER={requested}: onnxruntime here has no {wanted} "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use provider=cpu/auto"
+            )
+        if not gpu_present():
+            raise ProviderError(f"CLASSIFIER_PROVIDER={requested}: no NVIDIA GPU is visible on this machine")
+        sess = self._try_session(model_path, requested)
+        if sess.get_providers()[0] != wanted:
+            raise ProviderError(
+                f"CLASSIFIER_PROVIDER={requested}: onnxruntime could not start {wanted} "
+                f"(CUDA/cuDNN libraries missing or mismatched); it would have fallen back to {sess.get_providers()[0]}"
+            )
+        return sess
+
+    def _check_io(self, sess: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
+        for kind, actual, expected in (("input", sess.get_inputs(), manifest.inputs), ("output", sess.get_outputs(), manifest.outputs)):
+            got = [(a.name, _ORT_DTYPES.get(a.type, a.type)) for a in actual]
+            want = [(e.name, e.dtype) for e in expected]
+            if got != want:
+                raise ArtifactError(f"{model_path}: {kind}s {got} do not match the manifest's {want}")
+        for name in ("image", "input_ids"):
+            if name not in {i.name for i in manifest.inputs}:
+                raise ArtifactError(f"{model_path}: the model has no '{name}' input")
+        img = next(i for i in sess.get_inputs() if i.name == "image").shape
+        if list(img[1:]) != [manifest.image_size, manifest.image_size, 3]:
+            raise ArtifactError(f"{model_path}: image input shape {img} does not match image_size {manifest.image_size}")
+
+    def load(self) -> None:
+        """Verify the artifact, open the session, warm up; raises ArtifactError/ProviderError."""
+        self.state = "loading"
+        t0 = time.perf_counter()
+        try:
+            model_dir = Path(self.settings.model_dir)
+            manifest = load_manifest(model_dir)
+            tok_path = model_dir / manifest.tokenizer_file
+            try:
+                text = TextEncoder.from_file(tok_path, manifest.max_len)
+            except Exception as exc:
+                raise ArtifactError(f"{tok_path}: not a usable tokenizer ({exc})") from exc
+            model_path = model_dir / manifest.model_file
+            try:
+                sess = self._create_session(model_path)
+            except ProviderError:
+                raise
+            except Exception as exc:
+                raise ArtifactError(f"{model_path}: onnxruntime cannot load it ({type(exc).__name__}: {str(exc)[:200]})") from exc
+            self._check_io(sess, manifest, model_path)
+            self.manifest, self.text, self.session = manifest, text, sess
+            self.providers = sess.get_providers()
+            width = self._warm_up()
+            if width != len(manifest.labels):
+                raise ArtifactError(
+                    f"{model_dir / 'manifest.json'}: {len(manifest.labels)} labels but the model outputs {width} classes"
+                )
+        except Exception as exc:
+            self.state, self.error = "failed", str(exc)
+            raise
+        self.state = "ready"
+        log.info("model %s %s loaded in %.2fs; provider in use: %s", manifest.name, manifest.version,
+                 time.perf_counter() - t0, self.providers[0])
+
+    def _warm_up(self) -> int:
+        """Run every batch shape the service uses once, so the first request pays nothing extra."""
+        assert self.manifest is not None and self.session is not None
+        size = self.manifest.image_size
+        width = 0
+        for batch in sorted({1, self.settings.max_inference_batch}):
+            for length in (1, self.manifest.max_len):
+                probs, _ = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
+                                                   "input_ids": np.full((batch, length), 2, np.int64)})
+                width = probs.shape[1]
+        return width
+
+    # --- inference -----------------------------------------------------------------
+    def encode(self, descriptions: list[str]) -> list[EncodedText]:
+        assert self.text is not None
+        return self.text.encode_batch(descriptions)
+
+    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
+        """images uint8 [N, S, S, 3]; one Prediction per row, in order."""
+        assert self.session is not None and self.text is not None
+        out: list[Prediction] = []
+        step = self.settings.max_inference_batch
+        for s in range(0, len(encoded), step):
+            enc = encoded[s : s + step]
+            ids = self.text.pad(enc)
+            probs, attn = self.session.run(None, {"image": images[s : s + step], "input_ids": ids})
+            for row, e in enumerate(enc):
+                out.append(Prediction(probs[row], attn[row, : len(e.ids)], e.tokens))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "state": self.state,
+            "name": m.name if m else None,
+            "version": m.version if m else None,
+            "providers": self.providers,
+        }

@@ -1,0 +1,125 @@
+"""Request and response models of the HTTP API, with the examples shown in /docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ERROR_CATALOGUE
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class TokenWeight(BaseModel):
+    token: str
+    weight: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "label": "tomato", "confidence": 0.97,
+        "predictions": [{"label": "tomato", "score": 0.97}, {"label": "apple", "score": 0.02},
+                        {"label": "stop_sign", "score": 0.004}],
+        "model": {"name": "image-text-classifier", "version": "2026.11.28"},
+        "request_id": "3f2b8c0e9a7d4e51b1c2d3e4f5a6b7c8",
+        "text_attention": [{"token": "cherry", "weight": 0.41}, {"token": "tomato", "weight": 0.55},
+                           {"token": "salad", "weight": 0.04}],
+    }]})
+
+    label: str = Field(description="the most probable label")
+    confidence: float = Field(description="its probability")
+    predictions: list[LabelScore] = Field(description="top_k labels, best first")
+    model: ModelRef
+    request_id: str
+    text_attention: list[TokenWeight] | None = Field(
+        default=None, description="with explain=true: attention weight of each caption token")
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_base64: str = Field(description="the encoded image file (JPEG, PNG, ...), base64")
+    description: str = Field(default="", description="caption text; may be empty")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "items": [{"image_base64": "/9j/4AAQSkZJRgABAQAAAQABAAD...", "description": "a cherry tomato"},
+                  {"image_base64": "iVBORw0KGgoAAAANSUhEUgAA...", "description": ""}]}]})
+    items: list[BatchItem] = Field(description="at most CLASSIFIER_MAX_BATCH_ITEMS (64) items")
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchItemError(BaseModel):
+    error: ItemError
+
+
+class BatchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
+        {"label": "tomato", "confidence": 0.97, "predictions": [{"label": "tomato", "score": 0.97}],
+         "model": {"name": "image-text-classifier", "version": "2026.11.28"}, "request_id": "3f2b8c0e-0"},
+        {"error": {"code": "bad_base64", "message": "items[1].image_base64 is not valid base64"}},
+    ]}]})
+    results: list[ClassifyResponse | BatchItemError]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    status: str
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready", "model": "image-text-classifier",
+                                                                "provider": "CPUExecutionProvider"}]})
+    status: str = Field(description="ready | not_loaded | loading | failed | shutting_down")
+    model: str | None = None
+    provider: str | None = None
+    detail: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    mode: str
+    labels: list[str]
+    image_size: int
+    max_caption_tokens: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    providers: list[str]
+    metrics: dict[str, Any]
+    limits: dict[str, int]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries: the error schema with one example per error code."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        examples = {
+            code: {"summary": code, "value": {"error": {"code": code, "message": msg, "request_id": "3f2b8c0e9a7d4e51"}}}
+            for code, (st, msg) in ERROR_CATALOGUE.items() if st == status
+        }
+        out[status] = {"model": ErrorBody, "content": {"application/json": {"examples": examples}}}
+    return out

@@ -1,0 +1,118 @@
+"""Smoke train -> export -> parity -> evaluate, on real tiny data; and every CLI's --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model_training.cli import COMMANDS
+from model_training.export import ExportError, check_parity
+from model_training.model import InferenceWrapper
+from service.artifact import load_manifest, sha256_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_folder_contents(tiny_run: Path) -> None:
+    for name in ("config.yaml", "tokenizer.json", "log.jsonl", "best.pt", "metrics.json", "skipped.json"):
+        assert (tiny_run / name).is_file(), name
+    rows = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and {"train_loss", "train_acc", "val_loss", "val_acc"} <= rows[0].keys()
+    assert np.isfinite(rows[0]["train_loss"])
+    import yaml
+
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["lr"] == 1e-3 and cfg["batch_size"] == 32 and cfg["model"]["image_size"] == 32
+    assert cfg["model"]["num_classes"] == 8 and cfg["model"]["vocab_size"] > 3
+
+
+def test_artifact_is_complete_and_checksummed(tiny_artifact: Path) -> None:
+    m = load_manifest(tiny_artifact)
+    assert m.name == "tiny" and m.version == "0.0.1" and len(m.labels) == 8
+    assert [t.name for t in m.inputs] == ["image", "input_ids"]
+    assert [t.name for t in m.outputs] == ["probabilities", "text_attention"]
+    for name, digest in m.files.items():
+        assert sha256_file(tiny_artifact / name) == digest
+    assert {"model.onnx", "tokenizer.json", "eval_report.json", "confusion_matrix.png"} <= set(m.files)
+    raw = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert raw["parity"]["max"] <= 1e-4
+    assert set(raw["parity"]) >= {"batch_1", "batch_2", "batch_7", "batch_32", "lengths_1_to_max_len"}
+    onnx.checker.check_model(onnx.load(str(tiny_artifact / "model.onnx")), full_check=True)
+
+
+def test_onnx_has_dynamic_batch_and_sequence(tiny_artifact: Path) -> None:
+    sess = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    ins = {i.name: i for i in sess.get_inputs()}
+    assert ins["image"].type == "tensor(uint8)" and ins["input_ids"].type == "tensor(int64)"
+    assert isinstance(ins["input_ids"].shape[0], str) and isinstance(ins["input_ids"].shape[1], str)
+    for n, length in ((1, 1), (5, 40), (33, 3)):
+        p, a = sess.run(None, {"image": np.zeros((n, 32, 32, 3), np.uint8), "input_ids": np.full((n, length), 3, np.int64)})
+        assert p.shape == (n, 8) and a.shape == (n, length)
+        assert np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_parity_check_catches_a_wrong_model(tiny_run: Path, tiny_artifact: Path) -> None:
+    from model_training.train import load_checkpoint
+
+    model, _ = load_checkpoint(tiny_run / "best.pt")
+    with torch.no_grad():
+        model.head.bias += 1.0 * torch.arange(model.head.bias.numel())  # torch now differs from the ONNX file
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    diff = check_parity(InferenceWrapper(model).eval(), tiny_artifact / "model.onnx", imgs, [[3, 4], [5], [6, 7, 8], [9]], 4, 20)
+    assert diff["max"] > 1e-3
+    assert issubclass(ExportError, RuntimeError)
+
+
+def test_evaluate_checkpoint_and_artifact_agree(tiny_run: Path, tiny_artifact: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from model_training import evaluate
+
+    r_ckpt = evaluate.main([str(tiny_run / "best.pt"), "--data", str(tiny_data), "--out", str(tmp_path / "a")])
+    r_onnx = evaluate.main([str(tiny_artifact), "--data", str(tiny_data), "--out", str(tmp_path / "b"), "--json"])
+    assert r_ckpt["n"] == r_onnx["n"] > 0
+    assert abs(r_ckpt["accuracy"] - r_onnx["accuracy"]) < 1e-9
+    assert np.array(r_onnx["confusion_matrix"]).sum() == r_onnx["n"]
+    assert (tmp_path / "b" / "confusion_matrix.png").stat().st_size > 1000
+    assert set(r_onnx["per_class"]["apple"]) == {"precision", "recall", "f1", "support"}
+
+
+def test_ablate_smoke(tiny_data: Path, tmp_path: Path) -> None:
+    from model_training import ablate
+
+    out = tmp_path / "abl"
+    summary = ablate.main(["--preset", "smoke", "--data", str(tiny_data), "--out-dir", str(out), "--max-len", "8",
+                           "--model.image-size", "16", "--export", str(tmp_path / "art")])
+    assert set(summary["results"]) == {"image", "text", "fused"}
+    table = (out / "ablation.md").read_text()
+    assert "0.825" in table and "0.926" in table and "image-only" in table
+    assert (out / "ablation.png").stat().st_size > 1000
+    m = load_manifest(tmp_path / "art")
+    assert set(m.metrics) == {"image", "text", "fused"}
+    assert "ablation.png" in m.files
+
+
+def test_yaml_config_and_flags_precedence(tmp_path: Path) -> None:
+    from model_training.config import resolve_config
+    from model_training.train import build_parser
+
+    (tmp_path / "c.yaml").write_text("epochs: 7\nlr: 0.01\nmodel:\n  hidden_dim: 24\n")
+    cfg = resolve_config(build_parser().parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.005"]))
+    assert cfg.epochs == 7 and cfg.lr == 0.005 and cfg.model.hidden_dim == 24 and cfg.batch_size == 32
+    (tmp_path / "bad.yaml").write_text("epoch: 7\n")
+    with pytest.raises(ValueError, match="unknown config key"):
+        resolve_config(build_parser().parse_args(["--config", str(tmp_path / "bad.yaml")]))
+
+
+@pytest.mark.parametrize("command", [None, *sorted(COMMANDS)])
+def test_cli_help(command: str | None) -> None:
+    args = [sys.executable, "-m", "model_training"] + ([command] if command else []) + ["--help"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout

@@ -1,0 +1,242 @@
+"""The HTTP API with TestClient, on a real tiny artifact and on the committed default model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import DEFAULT_MODEL, jpeg_bytes, png_bytes, synthetic_samples
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.preprocessing import TextEncoder, load_image
+from service.settings import Settings
+
+
+def make_client(model_dir: Path, **kw: object) -> TestClient:
+    return TestClient(create_app(Settings(model_dir=model_dir, provider="cpu", **kw)))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact: Path) -> Iterator[TestClient]:
+    with make_client(tiny_artifact) as c:
+        yield c
+
+
+def classify(c: TestClient, image: bytes = b"", description: str = "a red tomato", **params: object):  # type: ignore[no-untyped-def]
+    return c.post("/classify", params=params, files={"image": ("x.jpg", image or jpeg_bytes(), "image/jpeg")},
+                  data={"description": description})
+
+
+def assert_error(resp, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) >= {"error"} and body["error"]["code"] == code
+    assert body["error"]["request_id"] == resp.headers["x-request-id"]
+    assert "Traceback" not in resp.text and "/work/" not in resp.text
+
+
+def test_classify_response_shape(client: TestClient, tiny_artifact: Path) -> None:
+    r = classify(client, top_k=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"label", "confidence", "predictions", "model", "request_id"}
+    scores = [p["score"] for p in body["predictions"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert body["label"] == body["predictions"][0]["label"] and body["confidence"] == scores[0]
+    assert body["model"] == {"name": "tiny", "version": "0.0.1"}
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert "server" not in r.headers
+
+
+def test_prediction_equals_in_process_onnxruntime(client: TestClient, tiny_artifact: Path) -> None:
+    from service.artifact import load_manifest
+
+    m = load_manifest(tiny_artifact)
+    sess = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    text = TextEncoder.from_file(tiny_artifact / "tokenizer.json", m.max_len)
+    for jpg, caption, _ in synthetic_samples(6):
+        img = load_image(jpg, m.image_size)[None]
+        probs = sess.run(["probabilities"], {"image": img, "input_ids": text.pad([text.encode(caption)])})[0][0]
+        body = classify(client, jpg, caption, top_k=8).json()
+        assert body["label"] == m.labels[int(np.argmax(probs))]
+        got = {p["label"]: p["score"] for p in body["predictions"]}
+        assert all(abs(got[lab] - float(probs[i])) < 1e-6 for i, lab in enumerate(m.labels))
+
+
+def test_top_k_and_explain(client: TestClient) -> None:
+    r = classify(client, description="Cherry TOMATO salad", top_k=8, explain="true").json()
+    assert len(r["predictions"]) == 8
+    att = r["text_attention"]
+    assert [a["token"] for a in att][:2] == ["cherry", "tomato"] or len(att) == 3
+    assert abs(sum(a["weight"] for a in att) - 1.0) < 1e-4
+    r1 = classify(client, top_k=1).json()
+    assert len(r1["predictions"]) == 1 and "text_attention" not in r1
+
+
+def test_empty_and_missing_description(client: TestClient) -> None:
+    r = client.post("/classify", params={"explain": "true"}, files={"image": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 200
+    assert r.json()["text_attention"] == [{"token": "[EMPTY]", "weight": 1.0}]
+    assert classify(client, description="").status_code == 200
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1", "1000000000", "abc", "9"])
+def test_bad_top_k(client: TestClient, top_k: str) -> None:
+    assert_error(classify(client, top_k=top_k), 422, "validation_error")
+
+
+def test_image_errors(client: TestClient) -> None:
+    assert_error(classify(client, image=b"\x00" * 10), 400, "invalid_image")
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")
+    assert_error(classify(client, image=bomb.getvalue()), 413, "image_too_large")
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"></svg>'
+    assert_error(classify(client, image=svg), 400, "invalid_image")
+    zero = client.post("/classify", files={"image": ("z.jpg", b"", "image/jpeg")})
+    assert_error(zero, 400, "invalid_image")
+
+
+def test_form_errors(client: TestClient) -> None:
+    assert_error(client.post("/classify", data={"description": "x"}, files={"other": ("a", b"1")}), 422, "unknown_field")
+    assert_error(client.post("/classify", files={"description": (None, "only text")}), 422, "missing_field")
+    assert_error(client.post("/classify", files={"image": (None, "not a file")}), 422, "invalid_field")
+    two = [("image", ("a.jpg", jpeg_bytes(), "image/jpeg")), ("image", ("b.jpg", jpeg_bytes(), "image/jpeg"))]
+    assert_error(client.post("/classify", files=two), 422, "invalid_field")
+    assert_error(classify(client, description="x" * 2001), 422, "description_too_long")
+    assert_error(client.post("/classify", json={"image": "x"}), 415, "unsupported_media_type")
+    assert_error(client.get("/classify"), 405, "method_not_allowed")
+    assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_odd_descriptions_are_fine(client: TestClient) -> None:
+    for text in ("tomato\x00apple", "🍅🍎 tomato", "طماطم حمراء", "ＴＯＭＡＴＯ"):
+        assert classify(client, description=text).status_code == 200
+
+
+def test_invalid_utf8_description(client: TestClient) -> None:
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"description\"\r\n\r\n").encode() + b"\xff\xfe bad" + (
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+        "Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    r = client.post("/classify", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                    params={"explain": "true"})
+    # lenient by design: undecodable bytes become U+FFFD (Starlette's form decoding), then [UNK]
+    assert r.status_code == 200, r.text
+    assert [t["token"] for t in r.json()["text_attention"]][-1] == "bad"
+
+
+def test_upload_limit(tiny_artifact: Path) -> None:
+    with make_client(tiny_artifact, max_upload_bytes=50_000) as c:
+        big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(big).save(buf, format="PNG")
+        assert len(buf.getvalue()) > 200_000
+        assert_error(classify(c, image=buf.getvalue()), 413, "payload_too_large")
+        # streamed without a Content-Length: refused while reading
+        def chunks() -> Iterator[bytes]:
+            for _ in range(100):
+                yield b"x" * 10_000
+
+        r = c.post("/classify", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zz"})
+        assert_error(r, 413, "payload_too_large")
+        assert classify(c).status_code == 200
+
+
+def test_batch_mixed_items(client: TestClient) -> None:
+    samples = synthetic_samples(3)
+    items = [{"image_base64": base64.b64encode(j).decode(), "description": d} for j, d, _ in samples]
+    items.insert(1, {"image_base64": "!!!not base64", "description": "x"})
+    items.append({"image_base64": base64.b64encode(b"garbage").decode(), "description": ""})
+    r = client.post("/classify/batch", json={"items": items}, params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 5
+    assert res[1] == {"error": {"code": "bad_base64", "message": "items[1].image_base64 is not valid base64"}}
+    assert res[4]["error"]["code"] == "invalid_image"
+    for i, (j, d, _) in zip((0, 2, 3), samples):
+        single = classify(client, j, d, top_k=2).json()
+        assert res[i]["label"] == single["label"]
+        assert [p["label"] for p in res[i]["predictions"]] == [p["label"] for p in single["predictions"]]
+        assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(res[i]["predictions"], single["predictions"]))
+
+
+def test_batch_errors(client: TestClient) -> None:
+    item = {"image_base64": base64.b64encode(jpeg_bytes()).decode(), "description": ""}
+    assert_error(client.post("/classify/batch", json={"items": [item] * 65}), 422, "too_many_items")
+    assert_error(client.post("/classify/batch", json={"items": "nope"}), 422, "validation_error")
+    assert_error(client.post("/classify/batch", json={"things": []}), 422, "validation_error")
+    assert_error(client.post("/classify/batch", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "invalid_json")
+    assert_error(client.post("/classify/batch", content=b"x", headers={"content-type": "text/plain"}), 415,
+                 "unsupported_media_type")
+
+
+def test_health_ready_model_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["provider"] == "CPUExecutionProvider"
+    m = client.get("/model").json()
+    assert m["providers"] == ["CPUExecutionProvider"] and m["image_size"] == 32 and len(m["labels"]) == 8
+    assert m["limits"]["max_upload_bytes"] == 10 * 1024 * 1024 and m["max_caption_tokens"] == 12
+    classify(client)
+    text = client.get("/metrics").text
+    assert 'classifier_http_requests_total{method="POST",route="/classify",status="200"}' in text
+    assert "classifier_inference_duration_seconds_bucket" in text
+    assert 'classifier_images_decoded_total{outcome="ok"}' in text
+    assert 'classifier_model_info{name="tiny",provider="CPUExecutionProvider",version="0.0.1"} 1.0' in text
+
+
+def test_request_id_passthrough(client: TestClient) -> None:
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200})
+    assert r.headers["x-request-id"] != "bad id" and len(r.headers["x-request-id"]) == 32
+
+
+def test_readiness_before_load(tiny_artifact: Path) -> None:
+    app = create_app(Settings(model_dir=tiny_artifact, provider="cpu"), load_model=False)  # type: ignore[call-arg]
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "not_loaded"
+        assert c.get("/healthz").status_code == 200
+        assert_error(classify(c), 503, "not_ready")
+        app.state.predictor.load()
+        assert c.get("/readyz").status_code == 200
+        assert classify(c).status_code == 200
+
+
+def test_api_key(tiny_artifact: Path) -> None:
+    with make_client(tiny_artifact, api_key="s3cret") as c:
+        assert_error(classify(c), 401, "unauthorized")
+        assert_error(c.get("/model", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+        assert_error(c.get("/model", headers={"Authorization": "Bearer s3cre"}), 401, "unauthorized")
+        assert c.get("/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        for open_path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(open_path).status_code == 200
+
+
+def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/classify", "/classify/batch", "/healthz", "/readyz", "/model", "/metrics"} <= set(paths)
+    classify_op = paths["/classify"]["post"]
+    assert "multipart/form-data" in classify_op["requestBody"]["content"]
+    assert {"400", "401", "413", "415", "422", "503"} <= set(classify_op["responses"])
+    assert "invalid_image" in classify_op["responses"]["400"]["content"]["application/json"]["examples"]
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "manifest.json").exists(), reason="no committed default model")
+def test_default_model_serves_the_built_in_classes() -> None:
+    with make_client(DEFAULT_MODEL) as c:
+        samples = synthetic_samples(24, seed=123)
+        right = sum(classify(c, j, d).json()["label"] == lab for j, d, lab in samples)
+        assert right >= 18  # a trained model, not chance (1/8)
