@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("%s: test accuracy %.4f", mode, results[mode]["test_acc"])
     table = write_table(results, root / "ablation.md")
     plot(results, root / "ablation.png")
-    summary = {"results": results, "paper": PAPER,
+    summary: dict[str, Any] = {"results": results, "paper": PAPER,
                "test_metrics": {m: {"test_acc": results[m]["test_acc"], "train_acc": results[m]["train_acc"]} for m in MODES}}
     (root / "ablation.json").write_text(json.dumps(summary, indent=2))
     print(table)  # noqa: T201

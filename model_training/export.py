@@ -160,8 +160,8 @@ def export_artifact(
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
-            "version": version or dt.datetime.now(dt.timezone.utc).strftime("%Y.%m.%d"),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "version": version or dt.datetime.now(dt.UTC).strftime("%Y.%m.%d"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "mode": model.cfg.mode,
             "labels": labels,
             "image_size": model.cfg.image_size,

@@ -59,13 +59,15 @@ class ImageEncoder(nn.Module):
         if side < 1:
             raise ValueError("image_size too small for the number of pooling blocks")
         self.fc = nn.Linear(in_ch * side * side, cfg.image_dim)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0), persistent=False)
+        self.pixel_mean: torch.Tensor
+        self.pixel_inv_std: torch.Tensor
+        self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # image: uint8 [N, H, W, 3]; scaling lives in the graph so callers send raw pixels
         x = image.permute(0, 3, 1, 2).float()  # [N, 3, H, W]
-        x = (x - self.mean) * self.inv_std
+        x = (x - self.pixel_mean) * self.pixel_inv_std
         x = self.features(x)  # [N, C, H/2^k, W/2^k]
         x = torch.flatten(x, 1)  # [N, C*h*w]
         return F.relu(self.fc(x))  # [N, image_dim]

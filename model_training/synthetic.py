@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +88,11 @@ class GeneratorConfig:
     seed: int = 0  # everything below is a pure function of the seed
     num_samples: int = 12000  # split 80/10/10 into train/val/test by key hash
     shard_size: int = 2000  # samples per WebDataset tar shard
-    p_informative: float = 0.70  # caption names the class (a synonym)
-    p_misleading: float = 0.12  # caption names a class of another visual type
+    p_informative: float = 0.75  # caption names the class (a synonym)
+    p_misleading: float = 0.10  # caption names a class of another visual type
     # (the rest is uninformative: filler, shared colour/shape words, image numbers)
     p_typo: float = 0.15  # per-word chance of a typo in the caption
-    p_faint_seams: float = 0.35  # basketball seams faint/absent: looks like an orange
+    p_faint_seams: float = 0.5  # basketball seams faint/absent: looks like an orange
     min_canvas: int = 56  # random canvas side range, pixels
     max_canvas: int = 160
 
@@ -224,16 +224,22 @@ def draw_image(label: str, rng: np.random.Generator, cfg: GeneratorConfig) -> Im
         im = im.rotate(float(rng.uniform(-25, 25)), resample=Image.Resampling.BILINEAR, fillcolor=bg)  # type: ignore[arg-type]
     if rng.random() < 0.3:
         im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
-    arr = np.asarray(im, dtype=np.float32)
+    arr: np.ndarray = np.asarray(im, dtype=np.float32)
     arr = arr * rng.uniform(0.7, 1.25) + rng.normal(0, rng.uniform(2, 14), size=arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def generate(cfg: GeneratorConfig) -> Iterator[tuple[str, bytes, str, dict[str, object]]]:
-    """Yield (key, jpeg bytes, caption, metadata) in img2dataset's layout."""
+def generate(cfg: GeneratorConfig, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes, str, dict[str, object]]]:
+    """Yield (key, jpeg bytes, caption, metadata) in img2dataset's layout.
+
+    Each sample has its own generator seeded from the root one, so ``keep`` (a filter
+    on keys, e.g. "the test split") regenerates a subset without drawing the rest.
+    """
     root = np.random.default_rng(cfg.seed)
     for i in range(cfg.num_samples):
         rng = np.random.default_rng(root.integers(0, 2**63))
+        if keep is not None and not keep(f"{i:09d}"):
+            continue
         label = CLASSES[int(rng.integers(0, len(CLASSES)))]
         im = draw_image(label, rng, cfg)
         buf = io.BytesIO()

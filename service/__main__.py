@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .artifact import ArtifactError
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
 
     app = create_app(settings, predictor=predictor)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; after a clean
+    # drain the process should exit 0, which orchestrators read as a normal stop
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level, server_header=False,
                 date_header=True, access_log=False)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from typing import Any
 import anyio
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
@@ -27,7 +30,7 @@ from .errors import BadRequest, InvalidField, NotReady, PayloadTooLarge, error_b
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .predictor import Prediction, Predictor
-from .preprocessing import EncodedText, ImageError, load_image
+from .preprocessing import ImageError, load_image
 from .schemas import (
     BatchRequest,
     BatchResponse,
@@ -58,6 +61,37 @@ CLASSIFY_FORM_SCHEMA = {
         }},
     }
 }
+
+
+BATCH_BODY_SCHEMA = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}}}
+}
+
+
+class ItemError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+
+
+def parse_batch(body: bytes) -> BatchRequest:
+    try:
+        raw = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest("the request body is not valid JSON", code="invalid_json") from exc
+    try:
+        return BatchRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+
+
+def decode_base64_item(b64: str, index: int, size: int, settings: Settings) -> np.ndarray:
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ItemError("bad_base64", f"items[{index}].image_base64 is not valid base64") from None
+    if len(data) > settings.max_upload_bytes:
+        raise ItemError("payload_too_large", f"items[{index}] is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
+    return load_image(data, size, settings.max_image_pixels)
 
 
 class ImageLoadFailed(Exception):
@@ -117,8 +151,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         metrics.images_decoded.labels("ok").inc()
         return arr
 
-    async def infer(images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
+    async def infer(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
         def run() -> list[Prediction]:
+            encoded = predictor.encode(descriptions)
             with metrics.inference_latency.time():
                 return predictor.predict(images, encoded)
 
@@ -200,19 +235,22 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         except ImageLoadFailed as f:
             status = _image_error_status(f.err)
             return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
-        pred = (await infer(image[None], predictor.encode([description])))[0]
+        pred = (await infer(image[None], [description]))[0]
         return result(pred, top_k, explain, request.state.request_id)
 
-    @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True, summary="Classify up to 64 images in one call",
+    @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
+              summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
               responses=error_responses(400, 401, 413, 415, 422, 500, 503))
     async def classify_batch(
         request: Request,
-        payload: BatchRequest,
         top_k: int = Query(3, ge=1, description="how many labels to return per item"),
         explain: bool = Query(False, description="also return each caption's attention weights"),
     ) -> Any:
         require_ready()
         check_top_k(top_k)
+        body = await request.body()
+        # JSON parsing and validation of a body of many megabytes stay off the event loop
+        payload = await anyio.to_thread.run_sync(parse_batch, body)
         items = payload.items
         if len(items) > settings.max_batch_items:
             raise InvalidField(f"the batch has {len(items)} items; the limit is {settings.max_batch_items}",
@@ -221,41 +259,34 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             raise InvalidField("the batch has no items", code="validation_error")
         rid = request.state.request_id
         results: list[dict[str, Any] | None] = [None] * len(items)
+        arrays: list[np.ndarray | None] = [None] * len(items)
+        assert predictor.manifest is not None
+        size = predictor.manifest.image_size
 
-        async def prepare(i: int) -> np.ndarray | None:
+        async def prepare(i: int) -> None:
             item = items[i]
-            try:
-                data = base64.b64decode(item.image_base64, validate=True)
-            except (binascii.Error, ValueError):
-                results[i] = {"error": {"code": "bad_base64", "message": f"items[{i}].image_base64 is not valid base64"}}
-                return None
-            if len(data) > settings.max_upload_bytes:
-                results[i] = {"error": {"code": "payload_too_large",
-                                        "message": f"items[{i}] is {len(data)} bytes; the limit is {settings.max_upload_bytes}"}}
-                return None
             if len(item.description) > settings.max_description_chars:
                 results[i] = {"error": {"code": "description_too_long",
                                         "message": f"items[{i}].description has {len(item.description)} characters; "
                                                    f"the limit is {settings.max_description_chars}"}}
-                return None
+                return
             try:
-                return await decode(data)
-            except ImageLoadFailed as f:
-                results[i] = {"error": {"code": f.err.code, "message": f"items[{i}]: {f.err}"}}
-                return None
-
-        arrays: list[np.ndarray | None] = [None] * len(items)
-
-        async def prepare_into(i: int) -> None:
-            arrays[i] = await prepare(i)
+                arrays[i] = await anyio.to_thread.run_sync(decode_base64_item, item.image_base64, i, size, settings,
+                                                           limiter=decode_limiter)
+                metrics.images_decoded.labels("ok").inc()
+            except ItemError as err:
+                results[i] = {"error": {"code": err.code, "message": err.message}}
+            except ImageError as err:
+                metrics.images_decoded.labels("error").inc()
+                results[i] = {"error": {"code": err.code, "message": f"items[{i}]: {err}"}}
 
         async with anyio.create_task_group() as tg:
             for i in range(len(items)):
-                tg.start_soon(prepare_into, i)
+                tg.start_soon(prepare, i)
         good = [i for i, a in enumerate(arrays) if a is not None]
         if good:
             stacked = np.stack([arrays[i] for i in good])  # type: ignore[misc]
-            preds = await infer(stacked, predictor.encode([items[i].description for i in good]))
+            preds = await infer(stacked, [items[i].description for i in good])
             for i, p in zip(good, preds, strict=True):
                 results[i] = result(p, top_k, explain, f"{rid}-{i}")
         return {"results": results}
@@ -295,4 +326,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            batch = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(batch.pop("$defs", {}))
+            components["BatchRequest"] = batch
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -121,6 +121,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        # the traceback goes to the log with the request id, never to the caller
+        # last resort (the request middleware answers unhandled errors first): no traceback to the caller
         log.error("unhandled error (request_id=%s): %s", request_id_of(request), type(exc).__name__, exc_info=exc)
         return error_response(request, 500, "internal_error", "internal error; see the service log with this request id")

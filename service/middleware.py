@@ -55,6 +55,18 @@ class RequestContextMiddleware:
         digest = hashlib.sha256(supplied or b"").digest()
         return hmac.compare_digest(digest, self._key_digest) and supplied is not None
 
+    async def _call_app(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any],
+                        reply: Callable[..., Any], status: dict[str, Any], request_id: str) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except PayloadTooLarge:
+            raise
+        except Exception as exc:
+            # answered here, inside the request-id scope; the traceback goes to the log only
+            log.error("unhandled error (request_id=%s): %s", request_id, type(exc).__name__, exc_info=exc)
+            if not status["started"]:
+                await reply(500, "internal_error", "internal error; see the service log with this request id")
+
     async def __call__(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any]) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -103,7 +115,7 @@ class RequestContextMiddleware:
                 return
             rule = self.post_rules.get(path) if method == "POST" else None
             if rule is None:
-                await self.app(scope, receive, send_wrapped)
+                await self._call_app(scope, receive, send_wrapped, reply, status_holder, request_id)
                 return
             ctype, limit = rule
             got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -127,7 +139,7 @@ class RequestContextMiddleware:
                 return message
 
             try:
-                await self.app(scope, receive_limited, send_wrapped)
+                await self._call_app(scope, receive_limited, send_wrapped, reply, status_holder, request_id)
             except PayloadTooLarge as exc:
                 if not status_holder["started"]:
                     await reply(413, "payload_too_large", exc.message)

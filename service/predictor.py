@@ -89,6 +89,12 @@ class Predictor:
         available = ort.get_available_providers()
         if requested == "cpu":
             return self._try_session(model_path, "cpu")
+        if requested != "cpu" and gpu_present() and hasattr(ort, "preload_dlls"):
+            # CUDA/cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) are not on the loader path
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # missing wheels are fine: system libraries may exist
+                log.debug("preload_dlls: %s", exc)
         if requested == "auto":
             if "CUDAExecutionProvider" in available and gpu_present():
                 sess = self._try_session(model_path, "cuda")

@@ -1,0 +1,87 @@
+"""Start-up: a broken artifact stops `python -m service` with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.artifact import ArtifactError
+from service.predictor import Predictor, ProviderError, gpu_present
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _start(model_dir: Path, *env_pairs: tuple[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "CLASSIFIER_MODEL_DIR": str(model_dir), **dict(env_pairs)}
+    return subprocess.run([sys.executable, "-m", "service", "--port", "1"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _corrupt_onnx(d: Path) -> str:
+    with (d / "model.onnx").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    return "sha256 mismatch"
+
+
+def _drop_tokenizer(d: Path) -> str:
+    (d / "tokenizer.json").unlink()
+    return "tokenizer.json: file not found"
+
+
+def _bad_schema(d: Path) -> str:
+    m = json.loads((d / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    return "unsupported schema_version 99"
+
+
+def _labels_mismatch(d: Path) -> str:
+    m = json.loads((d / "manifest.json").read_text())
+    m["labels"] = m["labels"][:-1]
+    (d / "manifest.json").write_text(json.dumps(m))
+    return "7 labels but the model outputs 8 classes"
+
+
+@pytest.mark.parametrize("breaker", [_corrupt_onnx, _drop_tokenizer, _bad_schema, _labels_mismatch])
+def test_broken_artifact_refuses_to_start(tiny_artifact: Path, tmp_path: Path, breaker) -> None:  # type: ignore[no-untyped-def]
+    d = _copy(tiny_artifact, tmp_path / "m")
+    expected = breaker(d)
+    with pytest.raises(ArtifactError, match=expected.split(":")[0]):
+        Predictor(Settings(model_dir=d, provider="cpu")).load()  # type: ignore[call-arg]
+    out = _start(d)
+    assert out.returncode == 2
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("service: cannot start:") and expected in lines[0], out.stderr
+
+
+def test_missing_model_dir(tmp_path: Path) -> None:
+    out = _start(tmp_path / "nothing-here")
+    assert out.returncode == 2 and "manifest.json: file not found" in out.stderr
+
+
+@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU")
+def test_cuda_without_gpu_fails_clearly(tiny_artifact: Path) -> None:
+    with pytest.raises(ProviderError, match="CLASSIFIER_PROVIDER=cuda"):
+        Predictor(Settings(model_dir=tiny_artifact, provider="cuda")).load()  # type: ignore[call-arg]
+    out = _start(tiny_artifact, ("CLASSIFIER_PROVIDER", "cuda"))
+    assert out.returncode == 2 and "CLASSIFIER_PROVIDER=cuda" in out.stderr
+
+
+@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU")
+def test_auto_falls_back_to_cpu_quietly(tiny_artifact: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    p = Predictor(Settings(model_dir=tiny_artifact, provider="auto"))  # type: ignore[call-arg]
+    p.load()
+    assert p.providers == ["CPUExecutionProvider"]
+    assert "Failed to load library" not in capfd.readouterr().err
