@@ -195,6 +195,7 @@ def export_artifact(
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp), str(out))
+        out.chmod(0o755)  # mkdtemp made it 0700; a container's non-root user must read it
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

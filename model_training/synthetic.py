@@ -92,7 +92,7 @@ class GeneratorConfig:
     p_misleading: float = 0.10  # caption names a class of another visual type
     # (the rest is uninformative: filler, shared colour/shape words, image numbers)
     p_typo: float = 0.15  # per-word chance of a typo in the caption
-    p_faint_seams: float = 0.5  # basketball seams faint/absent: looks like an orange
+    p_faint_seams: float = 0.4  # basketball seams faint/absent: looks like an orange
     min_canvas: int = 56  # random canvas side range, pixels
     max_canvas: int = 160
 

@@ -26,7 +26,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import BadRequest, InvalidField, NotReady, PayloadTooLarge, error_body, install_error_handlers
+from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout
+from .errors import (
+    BadRequest,
+    InvalidField,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    error_body,
+    install_error_handlers,
+)
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .predictor import Prediction, Predictor
@@ -113,13 +124,25 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     # one onnxruntime call at a time: each already uses intra_op_threads cores
     infer_limiter = anyio.CapacityLimiter(1)
 
+    def run_batch(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
+        encoded = predictor.encode(descriptions)
+        with metrics.inference_latency.time():
+            return predictor.predict(images, encoded)
+
+    batcher = Batcher(run_batch, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
+                      settings.max_queue, settings.request_timeout_ms / 1000, infer_limiter)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_model and not predictor.ready:
             await anyio.to_thread.run_sync(predictor.load)
         if predictor.ready and predictor.manifest is not None:
             metrics.model_info.labels(predictor.manifest.name, predictor.manifest.version, predictor.providers[0]).set(1)
-        yield
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
 
     app = FastAPI(
         title="Image + text classifier",
@@ -128,6 +151,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         lifespan=lifespan,
     )
     app.state.settings, app.state.predictor, app.state.metrics = settings, predictor, metrics
+    app.state.batcher = batcher
     install_error_handlers(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -151,13 +175,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         metrics.images_decoded.labels("ok").inc()
         return arr
 
-    async def infer(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
-        def run() -> list[Prediction]:
-            encoded = predictor.encode(descriptions)
-            with metrics.inference_latency.time():
-                return predictor.predict(images, encoded)
-
-        return await anyio.to_thread.run_sync(run, limiter=infer_limiter)
+    async def infer_one(image: np.ndarray, description: str) -> Prediction:
+        try:
+            return await batcher.submit(image, description)
+        except QueueFull as exc:
+            raise Overloaded(str(exc), headers={"Retry-After": "1"}) from None
+        except QueueTimeout as exc:
+            raise Timeout(str(exc)) from None
+        except BatchFailed as exc:
+            raise ServiceError(str(exc), code="inference_failed") from None
 
     def result(p: Prediction, top_k: int, explain: bool, request_id: str) -> dict[str, Any]:
         assert predictor.manifest is not None
@@ -187,7 +213,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_FORM_SCHEMA, response_model_exclude_none=True,
               summary="Classify one image with its description",
-              responses=error_responses(400, 401, 413, 415, 422, 500, 503))
+              responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
     async def classify(
         request: Request,
         top_k: int = Query(3, ge=1, description="how many labels to return (1..number of labels)"),
@@ -235,12 +261,12 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         except ImageLoadFailed as f:
             status = _image_error_status(f.err)
             return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
-        pred = (await infer(image[None], [description]))[0]
+        pred = await infer_one(image, description)
         return result(pred, top_k, explain, request.state.request_id)
 
     @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
               summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
-              responses=error_responses(400, 401, 413, 415, 422, 500, 503))
+              responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
     async def classify_batch(
         request: Request,
         top_k: int = Query(3, ge=1, description="how many labels to return per item"),
@@ -257,6 +283,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                code="too_many_items")
         if not items:
             raise InvalidField("the batch has no items", code="validation_error")
+        if batcher.depth + len(items) > batcher.max_queue:
+            raise Overloaded(f"{batcher.depth} requests are queued; {len(items)} more would pass the limit of {batcher.max_queue}",
+                             headers={"Retry-After": "1"})
         rid = request.state.request_id
         results: list[dict[str, Any] | None] = [None] * len(items)
         arrays: list[np.ndarray | None] = [None] * len(items)
@@ -284,11 +313,18 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             for i in range(len(items)):
                 tg.start_soon(prepare, i)
         good = [i for i, a in enumerate(arrays) if a is not None]
-        if good:
-            stacked = np.stack([arrays[i] for i in good])  # type: ignore[misc]
-            preds = await infer(stacked, [items[i].description for i in good])
-            for i, p in zip(good, preds, strict=True):
-                results[i] = result(p, top_k, explain, f"{rid}-{i}")
+
+        async def run(i: int) -> None:
+            image = arrays[i]
+            assert image is not None
+            try:
+                results[i] = result(await infer_one(image, items[i].description), top_k, explain, f"{rid}-{i}")
+            except ServiceError as err:
+                results[i] = {"error": {"code": err.code, "message": err.message}}
+
+        async with anyio.create_task_group() as tg:
+            for i in good:
+                tg.start_soon(run, i)
         return {"results": results}
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process serves HTTP")
@@ -318,7 +354,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             "providers": predictor.providers, "metrics": m.metrics,
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
                        "max_description_chars": settings.max_description_chars,
-                       "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes},
+                       "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes,
+                       "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue},
         }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -52,6 +52,14 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
 # error code -> (status, example message): drives the OpenAPI examples too
 ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
     "invalid_image": (400, "the image could not be decoded: OSError"),
@@ -73,6 +81,9 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
     "validation_error": (422, "query.top_k: Input should be greater than or equal to 1"),
     "too_many_items": (422, "the batch has 65 items; the limit is 64"),
     "not_ready": (503, "the model is not loaded yet"),
+    "overloaded": (503, "256 requests are queued; the limit is 256 (retry after Retry-After seconds)"),
+    "timeout": (504, "the request waited 10012 ms in the queue"),
+    "inference_failed": (500, "inference failed for this request's batch"),
     "internal_error": (500, "internal error; see the service log with this request id"),
 }
 
@@ -90,7 +101,8 @@ def error_response(request: Request, status: int, code: str, message: str, heade
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready"}
+               413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready",
+               504: "timeout"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -19,5 +19,10 @@ class Metrics:
                                            registry=self.registry)
         self.images_decoded = Counter("classifier_images_decoded_total", "images decoded, by outcome",
                                       ["outcome"], registry=self.registry)
+        self.batch_size = Histogram("classifier_batch_size", "rows per onnxruntime call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.queue_wait = Histogram("classifier_queue_wait_seconds", "time a row waited for its batch",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry)
         self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",
                                 ["name", "version", "provider"], registry=self.registry)

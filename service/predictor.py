@@ -170,7 +170,7 @@ class Predictor:
         assert self.manifest is not None and self.session is not None
         size = self.manifest.image_size
         width = 0
-        for batch in sorted({1, self.settings.max_inference_batch}):
+        for batch in sorted({1, self.settings.max_batch_size}):
             for length in (1, self.manifest.max_len):
                 probs, _ = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
                                                    "input_ids": np.full((batch, length), 2, np.int64)})
@@ -186,7 +186,7 @@ class Predictor:
         """images uint8 [N, S, S, 3]; one Prediction per row, in order."""
         assert self.session is not None and self.text is not None
         out: list[Prediction] = []
-        step = self.settings.max_inference_batch
+        step = self.settings.max_batch_size
         for s in range(0, len(encoded), step):
             enc = encoded[s : s + step]
             ids = self.text.pad(enc)

@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     max_description_chars: int = 2000
     max_batch_items: int = 64  # items per POST /classify/batch
     max_batch_body_bytes: int = 32 * 1024 * 1024  # whole JSON body of /classify/batch
-    max_inference_batch: int = 32  # rows per onnxruntime call; larger batches are split
+    max_batch_size: int = 32  # rows per onnxruntime call (dynamic batching); larger batches are split
+    max_batch_delay_ms: float = 2.0  # how long the first row of a batch waits for company
+    max_queue: int = 256  # rows waiting for inference; beyond it requests get 503 + Retry-After
+    request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
     api_key: SecretStr | None = None  # when set, required on all routes but /healthz, /readyz, /metrics
     cors_origins: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -256,7 +256,7 @@ def test_internal_error_has_no_traceback(tiny_artifact: Path, caplog: pytest.Log
             r = classify(c)
         finally:
             predictor.session = real
-        assert_error(r, 500, "internal_error")
+        assert_error(r, 500, "inference_failed")
         assert "CUDA" not in r.text and "secret" not in r.text
-        assert any("unhandled error" in rec.message for rec in caplog.records)
+        assert any("inference failed for a batch" in rec.message for rec in caplog.records)
         assert classify(c).status_code == 200  # the next request is served

@@ -1,0 +1,163 @@
+"""Dynamic batching: one bounded queue, one onnxruntime call per batch.
+
+Every route (``/classify``, ``/classify/batch``, later protocols) submits decoded rows
+here. The collector takes up to ``max_batch_size`` rows, or what arrived within
+``max_delay_s`` of the first one, and runs them as one inference in a worker thread.
+While that runs, the next batch gathers, so under load batches grow by themselves.
+
+Guarantees: each caller gets exactly its own row's result (futures are paired with rows
+by position, never by content); an exception in one batch fails only that batch's
+callers, with ``BatchFailed``; a full queue refuses at once (``QueueFull``), and a row
+that waited longer than ``timeout_s`` is answered ``QueueTimeout`` without being run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from .metrics import Metrics
+from .predictor import Prediction
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` rows already."""
+
+
+class QueueTimeout(Exception):
+    """The row waited longer than the request timeout before a batch took it."""
+
+
+class BatchFailed(Exception):
+    """The inference call for this row's batch raised; the message is safe to show."""
+
+
+@dataclass
+class _Row:
+    image: np.ndarray  # uint8 [S, S, 3]
+    description: str
+    future: asyncio.Future[Prediction]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray, list[str]], list[Prediction]],
+        metrics: Metrics,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        max_queue: int = 256,
+        timeout_s: float = 10.0,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.limiter = limiter or anyio.CapacityLimiter(1)
+        self._queue: asyncio.Queue[_Row] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.in_flight = 0  # rows taken off the queue whose batch has not answered yet
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue is not None and not self._queue.empty():
+            row = self._queue.get_nowait()
+            if not row.future.done():
+                row.future.set_exception(BatchFailed("the service is shutting down"))
+
+    async def submit(self, image: np.ndarray, description: str) -> Prediction:
+        if self._queue is None:
+            raise RuntimeError("batcher not started")
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} requests are queued; the limit is {self.max_queue}")
+        row = _Row(image, description, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(row)
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return await row.future
+
+    async def _collect(self) -> list[_Row]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        rows = [first]
+        deadline = time.perf_counter() + self.max_delay_s
+        while len(rows) < self.max_batch_size:
+            try:
+                rows.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                rows.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return rows
+
+    async def _loop(self) -> None:
+        while True:
+            rows = await self._collect()
+            now = time.perf_counter()
+            live: list[_Row] = []
+            for row in rows:
+                if row.future.done():  # the caller went away (cancelled)
+                    continue
+                waited = now - row.enqueued
+                self.metrics.queue_wait.observe(waited)
+                if waited > self.timeout_s:
+                    row.future.set_exception(QueueTimeout(f"the request waited {waited * 1000:.0f} ms in the queue"))
+                else:
+                    live.append(row)
+            assert self._queue is not None
+            self.metrics.queue_depth.set(self._queue.qsize())
+            if not live:
+                continue
+            self.metrics.batch_size.observe(len(live))
+            images = np.stack([r.image for r in live])
+            descriptions = [r.description for r in live]
+            self.in_flight += len(live)
+            try:
+                preds = await anyio.to_thread.run_sync(self.run_batch, images, descriptions, limiter=self.limiter)
+            except Exception as exc:
+                log.error("inference failed for a batch of %d: %s", len(live), type(exc).__name__, exc_info=exc)
+                for r in live:
+                    if not r.future.done():
+                        r.future.set_exception(BatchFailed("inference failed for this request's batch"))
+            else:
+                for r, p in zip(live, preds, strict=True):
+                    if not r.future.done():
+                        r.future.set_result(p)
+            finally:
+                self.in_flight -= len(live)
+
+    def info(self) -> dict[str, Any]:
+        return {"max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay_s * 1000,
+                "max_queue": self.max_queue, "queue_depth": self.depth}
