@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import tempfile
+from typing import Any
 
 from .artifact import ArtifactError
-from .predictor import Predictor, ProviderError
+from .predictor import Predictor, ProviderError, gpu_present
 from .settings import Settings
 
 
@@ -18,10 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--model-dir", default=None, help="artifact folder (overrides CLASSIFIER_MODEL_DIR)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (overrides CLASSIFIER_WORKERS)")
     args = p.parse_args(argv)
-    overrides = {"model_dir": args.model_dir} if args.model_dir else {}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if args.model_dir:
+        os.environ["CLASSIFIER_MODEL_DIR"] = args.model_dir
+    if args.workers is not None:
+        os.environ["CLASSIFIER_WORKERS"] = str(args.workers)
+    settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workers, threads = resolve_workers(settings)
+    os.environ["CLASSIFIER_INTRA_OP_THREADS"] = str(threads)
+    settings = Settings()
     predictor = Predictor(settings)
     try:
         # load before binding the port: a broken artifact ends start-up with one line
@@ -30,18 +40,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service: cannot start: {exc}", file=sys.stderr)  # noqa: T201
         return 2
 
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # before any worker imports prometheus_client: one metrics view over all workers
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
+
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(settings, predictor=predictor)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; after a clean
     # drain the process should exit 0, which orchestrators read as a normal stop
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level, server_header=False,
-                date_header=True, access_log=False)
+    common: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": settings.log_level,
+                              "server_header": False, "access_log": False,
+                              "timeout_graceful_shutdown": max(1, int(settings.shutdown_grace_s - settings.drain_delay_s))}
+    if workers == 1:
+        uvicorn.run(create_app(settings, predictor=predictor), **common)
+    else:
+        # each worker builds its own app (and batcher) from the same CLASSIFIER_* environment
+        logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
+        del predictor
+        uvicorn.run("service.app:create_app", factory=True, workers=workers, **common)
     return 0
 
+
+def resolve_workers(settings: Settings) -> tuple[int, int]:
+    """Worker processes and onnxruntime threads per worker.
+
+    On CPU one worker per core with one onnxruntime thread each beats one worker with
+    all cores (the Python request path runs in parallel; service.bench measured 969 vs
+    694 requests/s on 2 cores). On a GPU one worker feeds the device.
+    """
+    cores = os.cpu_count() or 1
+    on_gpu = settings.provider in ("cuda", "tensorrt") or (settings.provider == "auto" and gpu_present())
+    workers = settings.workers or (1 if on_gpu else cores)
+    threads = settings.intra_op_threads or max(1, cores // workers)
+    return workers, threads
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,13 +6,16 @@ behind its own limiter, so /healthz and /readyz answer while inference is busy.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -20,7 +23,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -105,6 +108,29 @@ def decode_base64_item(b64: str, index: int, size: int, settings: Settings) -> n
     return load_image(data, size, settings.max_image_pixels)
 
 
+class Admission:
+    """Requests admitted and not yet answered (decoding, queued or in a batch), bounded.
+
+    The batcher's queue alone is not enough: when decoding is the bottleneck, work piles
+    up before the queue. Counting from admission refuses the excess at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0  # touched only on the event loop
+
+    @contextmanager
+    def admit(self, n: int) -> Iterator[None]:
+        if self.count + n > self.limit:
+            raise Overloaded(f"{self.count} requests are in progress; {n} more would pass the limit of {self.limit}",
+                             headers={"Retry-After": "1"})
+        self.count += n
+        try:
+            yield
+        finally:
+            self.count -= n
+
+
 class ImageLoadFailed(Exception):
     def __init__(self, err: ImageError) -> None:
         self.err = err
@@ -112,6 +138,32 @@ class ImageLoadFailed(Exception):
 
 def _image_error_status(err: ImageError) -> int:
     return 413 if err.code == "image_too_large" else 400
+
+
+def install_drain_on_sigterm(app: FastAPI, delay_s: float) -> None:
+    """On SIGTERM: readiness turns 503 at once; the server stops accepting after ``delay_s``.
+
+    uvicorn has installed its own SIGTERM handler by the time the lifespan runs (in every
+    worker process); this one wraps it, so load balancers see "not ready" and stop sending
+    before the listening socket closes, and uvicorn's graceful shutdown then drains what
+    was accepted. A second SIGTERM skips the delay.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # not under a real server (e.g. TestClient): signals cannot be handled here
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(sig: int, frame: Any) -> None:
+        if app.state.draining:
+            previous(sig, frame)
+            return
+        app.state.draining = True
+        log.info("SIGTERM: not ready from now; closing the listener in %.1f s, then draining", delay_s)
+        loop.call_soon_threadsafe(loop.call_later, delay_s, previous, sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None, load_model: bool = True) -> FastAPI:
@@ -129,6 +181,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         with metrics.inference_latency.time():
             return predictor.predict(images, encoded)
 
+    admission = Admission(settings.max_queue)
     batcher = Batcher(run_batch, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                       settings.max_queue, settings.request_timeout_ms / 1000, infer_limiter)
 
@@ -139,10 +192,12 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         if predictor.ready and predictor.manifest is not None:
             metrics.model_info.labels(predictor.manifest.name, predictor.manifest.version, predictor.providers[0]).set(1)
         await batcher.start()
+        install_drain_on_sigterm(app, settings.drain_delay_s)
         try:
             yield
         finally:
             await batcher.stop()
+            metrics.close()
 
     app = FastAPI(
         title="Image + text classifier",
@@ -152,6 +207,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     )
     app.state.settings, app.state.predictor, app.state.metrics = settings, predictor, metrics
     app.state.batcher = batcher
+    app.state.draining = False
     install_error_handlers(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -221,48 +277,50 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     ) -> Any:
         require_ready()
         check_top_k(top_k)
-        try:
-            form = await request.form(max_files=4, max_fields=8, max_part_size=1024 * 1024)
-        except PayloadTooLarge:
-            raise
-        except UnicodeDecodeError as exc:
-            raise BadRequest("the description is not valid UTF-8", code="invalid_description") from exc
-        except StarletteHTTPException as exc:
-            raise BadRequest(f"the request body is not valid multipart/form-data: {exc.detail}") from exc
-        try:
-            unknown = sorted(set(form.keys()) - {"image", "description"})
-            if unknown:
-                raise InvalidField(f"unknown form field(s): {', '.join(unknown)}; send 'image' and 'description'",
-                                   code="unknown_field")
-            images = form.getlist("image")
-            if not images:
-                raise InvalidField("the 'image' file field is required", code="missing_field")
-            if len(images) > 1:
-                raise InvalidField("send exactly one 'image' file field", code="invalid_field")
-            upload = images[0]
-            if not isinstance(upload, UploadFile):
-                raise InvalidField("'image' must be a file part (with a filename), not a text field", code="invalid_field")
-            descriptions = form.getlist("description")
-            if len(descriptions) > 1:
-                raise InvalidField("send at most one 'description' field", code="invalid_field")
-            description = descriptions[0] if descriptions else ""
-            if not isinstance(description, str):
-                raise InvalidField("'description' must be a text field, not a file", code="invalid_field")
-            check_description(description)
-            if upload.size is not None and upload.size > settings.max_upload_bytes:
-                raise PayloadTooLarge(f"the image file is {upload.size} bytes; the limit is {settings.max_upload_bytes}")
-            data = await upload.read()
-        finally:
-            await form.close()
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the image file is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
-        try:
-            image = await decode(data)
-        except ImageLoadFailed as f:
-            status = _image_error_status(f.err)
-            return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
-        pred = await infer_one(image, description)
-        return result(pred, top_k, explain, request.state.request_id)
+        # admission before the upload is read or decoded: overload must be cheap to answer
+        with admission.admit(1):
+            try:
+                form = await request.form(max_files=4, max_fields=8, max_part_size=1024 * 1024)
+            except ServiceError:
+                raise
+            except UnicodeDecodeError as exc:
+                raise BadRequest("the description is not valid UTF-8", code="invalid_description") from exc
+            except StarletteHTTPException as exc:
+                raise BadRequest(f"the request body is not valid multipart/form-data: {exc.detail}") from exc
+            try:
+                unknown = sorted(set(form.keys()) - {"image", "description"})
+                if unknown:
+                    raise InvalidField(f"unknown form field(s): {', '.join(unknown)}; send 'image' and 'description'",
+                                       code="unknown_field")
+                images = form.getlist("image")
+                if not images:
+                    raise InvalidField("the 'image' file field is required", code="missing_field")
+                if len(images) > 1:
+                    raise InvalidField("send exactly one 'image' file field", code="invalid_field")
+                upload = images[0]
+                if not isinstance(upload, UploadFile):
+                    raise InvalidField("'image' must be a file part (with a filename), not a text field", code="invalid_field")
+                descriptions = form.getlist("description")
+                if len(descriptions) > 1:
+                    raise InvalidField("send at most one 'description' field", code="invalid_field")
+                description = descriptions[0] if descriptions else ""
+                if not isinstance(description, str):
+                    raise InvalidField("'description' must be a text field, not a file", code="invalid_field")
+                check_description(description)
+                if upload.size is not None and upload.size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(f"the image file is {upload.size} bytes; the limit is {settings.max_upload_bytes}")
+                data = await upload.read()
+            finally:
+                await form.close()
+            if len(data) > settings.max_upload_bytes:
+                raise PayloadTooLarge(f"the image file is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
+            try:
+                image = await decode(data)
+            except ImageLoadFailed as f:
+                status = _image_error_status(f.err)
+                return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
+            pred = await infer_one(image, description)
+            return result(pred, top_k, explain, request.state.request_id)
 
     @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
               summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
@@ -283,49 +341,47 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                code="too_many_items")
         if not items:
             raise InvalidField("the batch has no items", code="validation_error")
-        if batcher.depth + len(items) > batcher.max_queue:
-            raise Overloaded(f"{batcher.depth} requests are queued; {len(items)} more would pass the limit of {batcher.max_queue}",
-                             headers={"Retry-After": "1"})
-        rid = request.state.request_id
-        results: list[dict[str, Any] | None] = [None] * len(items)
-        arrays: list[np.ndarray | None] = [None] * len(items)
-        assert predictor.manifest is not None
-        size = predictor.manifest.image_size
+        with admission.admit(len(items)):
+            rid = request.state.request_id
+            results: list[dict[str, Any] | None] = [None] * len(items)
+            arrays: list[np.ndarray | None] = [None] * len(items)
+            assert predictor.manifest is not None
+            size = predictor.manifest.image_size
 
-        async def prepare(i: int) -> None:
-            item = items[i]
-            if len(item.description) > settings.max_description_chars:
-                results[i] = {"error": {"code": "description_too_long",
-                                        "message": f"items[{i}].description has {len(item.description)} characters; "
-                                                   f"the limit is {settings.max_description_chars}"}}
-                return
-            try:
-                arrays[i] = await anyio.to_thread.run_sync(decode_base64_item, item.image_base64, i, size, settings,
-                                                           limiter=decode_limiter)
-                metrics.images_decoded.labels("ok").inc()
-            except ItemError as err:
-                results[i] = {"error": {"code": err.code, "message": err.message}}
-            except ImageError as err:
-                metrics.images_decoded.labels("error").inc()
-                results[i] = {"error": {"code": err.code, "message": f"items[{i}]: {err}"}}
+            async def prepare(i: int) -> None:
+                item = items[i]
+                if len(item.description) > settings.max_description_chars:
+                    results[i] = {"error": {"code": "description_too_long",
+                                            "message": f"items[{i}].description has {len(item.description)} characters; "
+                                                       f"the limit is {settings.max_description_chars}"}}
+                    return
+                try:
+                    arrays[i] = await anyio.to_thread.run_sync(decode_base64_item, item.image_base64, i, size, settings,
+                                                               limiter=decode_limiter)
+                    metrics.images_decoded.labels("ok").inc()
+                except ItemError as err:
+                    results[i] = {"error": {"code": err.code, "message": err.message}}
+                except ImageError as err:
+                    metrics.images_decoded.labels("error").inc()
+                    results[i] = {"error": {"code": err.code, "message": f"items[{i}]: {err}"}}
 
-        async with anyio.create_task_group() as tg:
-            for i in range(len(items)):
-                tg.start_soon(prepare, i)
-        good = [i for i, a in enumerate(arrays) if a is not None]
+            async with anyio.create_task_group() as tg:
+                for i in range(len(items)):
+                    tg.start_soon(prepare, i)
+            good = [i for i, a in enumerate(arrays) if a is not None]
 
-        async def run(i: int) -> None:
-            image = arrays[i]
-            assert image is not None
-            try:
-                results[i] = result(await infer_one(image, items[i].description), top_k, explain, f"{rid}-{i}")
-            except ServiceError as err:
-                results[i] = {"error": {"code": err.code, "message": err.message}}
+            async def run(i: int) -> None:
+                image = arrays[i]
+                assert image is not None
+                try:
+                    results[i] = result(await infer_one(image, items[i].description), top_k, explain, f"{rid}-{i}")
+                except ServiceError as err:
+                    results[i] = {"error": {"code": err.code, "message": err.message}}
 
-        async with anyio.create_task_group() as tg:
-            for i in good:
-                tg.start_soon(run, i)
-        return {"results": results}
+            async with anyio.create_task_group() as tg:
+                for i in good:
+                    tg.start_soon(run, i)
+            return {"results": results}
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process serves HTTP")
     async def healthz() -> Any:
@@ -334,6 +390,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.get("/readyz", response_model=Readiness, summary="Readiness: the model is loaded and warmed",
              responses=error_responses(503))
     async def readyz(request: Request) -> Any:
+        if app.state.draining:
+            body = error_body("not_ready", "the service is shutting down", request.state.request_id)
+            body["status"] = "shutting_down"
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
         if predictor.ready:
             return {"status": "ready", "model": predictor.manifest.name if predictor.manifest else None,
                     "provider": predictor.providers[0] if predictor.providers else None}
@@ -361,7 +421,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"example": "classifier_http_requests_total{...} 1.0"}}}})
     async def prom() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -70,6 +70,7 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
     "invalid_description": (400, "the description is not valid UTF-8"),
     "unauthorized": (401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)"),
     "not_found": (404, "no route GET /nope"),
+    "request_timeout": (408, "the request body did not arrive within 20 s"),
     "method_not_allowed": (405, "method GET not allowed on /classify"),
     "payload_too_large": (413, "the request body exceeds 10485760 bytes"),
     "image_too_large": (413, "the image is 30000x30000 = 900000000 pixels; the limit is 40000000"),
@@ -100,7 +101,7 @@ def error_response(request: Request, status: int, code: str, message: str, heade
     return JSONResponse(error_body(code, message, request_id_of(request)), status_code=status, headers=headers)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready",
                504: "timeout"}
 

@@ -26,7 +26,7 @@ def build_request(host: str, path: str, body: bytes, content_type: str) -> bytes
 
 
 async def _connection(host: str, port: int, requests: list[bytes], counter: list[int], total: int,
-                      latencies: list[float], statuses: dict[int, int]) -> None:
+                      latencies: list[float], statuses: dict[int, int], by_status: dict[int, list[float]]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while counter[0] < total:
@@ -56,6 +56,7 @@ async def _connection(host: str, port: int, requests: list[bytes], counter: list
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - t0)
             statuses[status] = statuses.get(status, 0) + 1
+            by_status.setdefault(status, []).append(latencies[-1])
             if close:
                 writer.close()
                 reader, writer = await asyncio.open_connection(host, port)
@@ -68,9 +69,10 @@ async def run(url: str, requests: list[bytes], concurrency: int, total: int) -> 
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    by_status: dict[int, list[float]] = {}
     counter = [0]
     t0 = time.perf_counter()
-    await asyncio.gather(*(_connection(host, port, requests, counter, total, latencies, statuses) for _ in range(concurrency)))
+    await asyncio.gather(*(_connection(host, port, requests, counter, total, latencies, statuses, by_status) for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
     lat = sorted(latencies)
 
@@ -80,7 +82,8 @@ async def run(url: str, requests: list[bytes], concurrency: int, total: int) -> 
     ok = statuses.get(200, 0)
     return {"requests": total, "concurrency": concurrency, "seconds": elapsed, "ok": ok, "errors": total - ok,
             "statuses": {str(k): v for k, v in sorted(statuses.items())}, "requests_per_s": ok / elapsed,
-            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+            "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+            "p50_ms_by_status": {str(k): sorted(v)[len(v) // 2] * 1000 for k, v in sorted(by_status.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,15 @@
-"""Prometheus metrics (prometheus_client), one registry per app so apps never share counters."""
+"""Prometheus metrics (prometheus_client), one registry per app so apps never share counters.
+
+With several worker processes (``python -m service`` sets ``PROMETHEUS_MULTIPROC_DIR``)
+prometheus_client keeps values in files there and ``render`` sums every worker's, so
+/metrics tells the whole service's story whichever worker answers.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -23,6 +30,23 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.queue_wait = Histogram("classifier_queue_wait_seconds", "time a row waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry)
+        self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry,
+                                 multiprocess_mode="livesum")
         self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",
-                                ["name", "version", "provider"], registry=self.registry)
+                                ["name", "version", "provider"], registry=self.registry, multiprocess_mode="max")
+
+    @staticmethod
+    def multiprocess() -> bool:
+        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+    def render(self) -> bytes:
+        if self.multiprocess():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(registry))
+        return bytes(generate_latest(self.registry))
+
+    def close(self) -> None:
+        """A worker that stops takes its live gauges out of the sums."""
+        if self.multiprocess():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -7,17 +7,18 @@ is counted as it streams in and an oversized upload is refused before it is read
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .errors import PayloadTooLarge, error_body
+from .errors import ServiceError, error_body
 from .metrics import Metrics
 from .settings import Settings
 
@@ -30,6 +31,14 @@ ASGIApp = Callable[..., Any]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and a description
+
+
+class BodyAborted(ServiceError):
+    """The body broke a limit (size, time) while streaming in; raised from ``receive``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+        self.status = status
 
 
 class RequestContextMiddleware:
@@ -59,7 +68,7 @@ class RequestContextMiddleware:
                         reply: Callable[..., Any], status: dict[str, Any], request_id: str) -> None:
         try:
             await self.app(scope, receive, send)
-        except PayloadTooLarge:
+        except BodyAborted:
             raise
         except Exception as exc:
             # answered here, inside the request-id scope; the traceback goes to the log only
@@ -74,21 +83,23 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        # ids need uniqueness, not secrecy: getrandbits avoids uuid4's urandom syscall per request
+        request_id = incoming if _SANE_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         path, method = scope["path"], scope["method"]
-        status_holder = {"status": 500, "started": False, "override": False}
+        status_holder: dict[str, Any] = {"status": 500, "started": False, "override": False, "abort": None}
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 if status_holder["override"]:
                     return
-                if status_holder.get("too_large") and message["status"] != 413:
-                    # the framework turned the limit into another error; the caller must see 413
+                abort: BodyAborted | None = status_holder["abort"]
+                if abort is not None and message["status"] != abort.status:
+                    # the framework turned our body error into another answer; the caller must see ours
                     status_holder["override"] = True
-                    body = json.dumps(error_body("payload_too_large", "the request body exceeds the limit", request_id)).encode()
-                    status_holder["status"], status_holder["started"] = 413, True
-                    await send({"type": "http.response.start", "status": 413, "headers": [
+                    body = json.dumps(error_body(abort.code, abort.message, request_id)).encode()
+                    status_holder["status"], status_holder["started"] = abort.status, True
+                    await send({"type": "http.response.start", "status": abort.status, "headers": [
                         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                         (b"x-request-id", request_id.encode()), (b"connection", b"close")]})
                     await send({"type": "http.response.body", "body": body})
@@ -127,22 +138,30 @@ class RequestContextMiddleware:
                 await reply(413, "payload_too_large", f"the request body is {int(declared)} bytes; the limit is {limit}")
                 return
             received = 0
+            deadline = start + self.settings.body_timeout_s
 
-            async def receive_limited() -> Message:
+            async def receive_guarded() -> Message:
+                # the body is counted as it streams (refused past the limit, never buffered whole)
+                # and must arrive within body_timeout_s, so a slow sender cannot hold a request open
                 nonlocal received
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    status_holder["abort"] = BodyAborted(408, "request_timeout",
+                                                         f"the request body did not arrive within {self.settings.body_timeout_s:g} s")
+                    raise status_holder["abort"] from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        status_holder["too_large"] = True
-                        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                        status_holder["abort"] = BodyAborted(413, "payload_too_large", f"the request body exceeds {limit} bytes")
+                        raise status_holder["abort"]
                 return message
 
             try:
-                await self._call_app(scope, receive_limited, send_wrapped, reply, status_holder, request_id)
-            except PayloadTooLarge as exc:
+                await self._call_app(scope, receive_guarded, send_wrapped, reply, status_holder, request_id)
+            except BodyAborted as exc:
                 if not status_holder["started"]:
-                    await reply(413, "payload_too_large", exc.message)
+                    await reply(exc.status, exc.code, exc.message, [(b"connection", b"close")])
                 return
         finally:
             route = scope.get("route")

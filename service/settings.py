@@ -22,16 +22,23 @@ class Settings(BaseSettings):
     model_dir: Path = Field(default_factory=default_model_dir, description="exported artifact folder")
     provider: Literal["auto", "cuda", "tensorrt", "cpu"] = "auto"  # auto: CUDA if really usable, else CPU
     device_id: int = 0  # GPU ordinal for cuda/tensorrt
-    intra_op_threads: int = 0  # onnxruntime threads per inference; 0 = one per core
+    workers: int = 0  # server processes (python -m service); 0 = one per core on CPU, 1 on a GPU
+    intra_op_threads: int = 0  # onnxruntime threads per inference; 0 = cores / workers
+    ort_spinning: bool = False  # let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)
     max_upload_bytes: int = 10 * 1024 * 1024  # one image file; the request body may add 64 KiB of form overhead
     max_image_pixels: int = 40_000_000  # width x height from the header, checked before decoding
     max_description_chars: int = 2000
     max_batch_items: int = 64  # items per POST /classify/batch
     max_batch_body_bytes: int = 32 * 1024 * 1024  # whole JSON body of /classify/batch
     max_batch_size: int = 32  # rows per onnxruntime call (dynamic batching); larger batches are split
-    max_batch_delay_ms: float = 2.0  # how long the first row of a batch waits for company
+    # 0 = greedy: a batch starts as soon as the engine is free and takes whatever queued meanwhile;
+    # under load batches fill by themselves, and a lone request never waits (service.bench)
+    max_batch_delay_ms: float = 0.0
     max_queue: int = 256  # rows waiting for inference; beyond it requests get 503 + Retry-After
     request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
+    body_timeout_s: float = 20.0  # the whole request body must arrive within this (slow senders get 408)
+    drain_delay_s: float = 2.0  # after SIGTERM: /readyz answers 503 and requests are still served this long
+    shutdown_grace_s: float = 30.0  # after SIGTERM: in-flight requests finish within this, then exit 0
     api_key: SecretStr | None = None  # when set, required on all routes but /healthz, /readyz, /metrics
     cors_origins: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
