@@ -430,6 +430,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(batch.pop("$defs", {}))
             components["BatchRequest"] = batch
+            if predictor.manifest is not None:  # top_k's upper bound is the loaded model's label count
+                for path in ("/classify", "/classify/batch"):
+                    for param in schema["paths"][path]["post"].get("parameters", []):
+                        if param["name"] == "top_k":
+                            param["schema"]["maximum"] = len(predictor.manifest.labels)
             app.openapi_schema = schema
         return app.openapi_schema
 

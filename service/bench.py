@@ -164,7 +164,8 @@ class Server:
         args = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port)]
         if kind == "plain":
             args += ["--model-dir", str(model_dir)]
-        full_env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(model_dir), "CLASSIFIER_PROVIDER": "cpu",
+        provider = os.environ.get("CLASSIFIER_PROVIDER", "cpu")
+        full_env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(model_dir), "CLASSIFIER_PROVIDER": provider,
                     "CLASSIFIER_LOG_LEVEL": "warning", **(env or {})}
         self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120

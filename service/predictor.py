@@ -169,13 +169,27 @@ class Predictor:
         log.info("model %s %s loaded in %.2fs; provider in use: %s", manifest.name, manifest.version,
                  time.perf_counter() - t0, self.providers[0])
 
+    @property
+    def fixed_shapes(self) -> bool:
+        """On GPUs every new input shape costs (cuDNN algorithm search, LSTM descriptors), so
+        batches are padded to power-of-two buckets and captions to max_len: a handful of
+        shapes, all warmed up. On CPU, padding would only add work, so shapes stay exact."""
+        return bool(self.providers) and self.providers[0] != "CPUExecutionProvider"
+
+    def batch_buckets(self) -> list[int]:
+        top = self.settings.max_batch_size
+        buckets = [1 << k for k in range(top.bit_length()) if (1 << k) < top]
+        return [*buckets, top]
+
     def _warm_up(self) -> int:
         """Run every batch shape the service uses once, so the first request pays nothing extra."""
         assert self.manifest is not None and self.session is not None
         size = self.manifest.image_size
         width = 0
-        for batch in sorted({1, self.settings.max_batch_size}):
-            for length in (1, self.manifest.max_len):
+        batches = self.batch_buckets() if self.fixed_shapes else sorted({1, self.settings.max_batch_size})
+        lengths = (self.manifest.max_len,) if self.fixed_shapes else (1, self.manifest.max_len)
+        for batch in batches:
+            for length in lengths:
                 probs, _ = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
                                                    "input_ids": np.full((batch, length), 2, np.int64)})
                 width = probs.shape[1]
@@ -193,8 +207,16 @@ class Predictor:
         step = self.settings.max_batch_size
         for s in range(0, len(encoded), step):
             enc = encoded[s : s + step]
-            ids = self.text.pad(enc)
-            probs, attn = self.session.run(None, {"image": images[s : s + step], "input_ids": ids})
+            imgs = images[s : s + step]
+            if self.fixed_shapes:
+                bucket = next(b for b in self.batch_buckets() if b >= len(enc))
+                ids = self.text.pad(enc, self.text.max_len)
+                if bucket > len(enc):  # zero rows fill the bucket; their outputs are dropped
+                    ids = np.concatenate([ids, np.zeros((bucket - len(enc), ids.shape[1]), ids.dtype)])
+                    imgs = np.concatenate([imgs, np.zeros((bucket - len(enc), *imgs.shape[1:]), imgs.dtype)])
+            else:
+                ids = self.text.pad(enc)
+            probs, attn = self.session.run(None, {"image": imgs, "input_ids": ids})
             for row, e in enumerate(enc):
                 out.append(Prediction(probs[row], attn[row, : len(e.ids)], e.tokens))
         return out

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     model_dir: Path = Field(default_factory=default_model_dir, description="exported artifact folder")
     provider: Literal["auto", "cuda", "tensorrt", "cpu"] = "auto"  # auto: CUDA if really usable, else CPU
     device_id: int = 0  # GPU ordinal for cuda/tensorrt
-    workers: int = 0  # server processes (python -m service); 0 = one per core on CPU, 1 on a GPU
+    workers: int = 0  # server processes (python -m service); 0 = one per core
     intra_op_threads: int = 0  # onnxruntime threads per inference; 0 = cores / workers
     ort_spinning: bool = False  # let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)
     max_upload_bytes: int = 10 * 1024 * 1024  # one image file; the request body may add 64 KiB of form overhead

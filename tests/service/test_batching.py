@@ -141,3 +141,24 @@ def test_full_queue_and_queue_timeout(predictor: Predictor) -> None:
         await b.stop()
 
     asyncio.run(go())
+
+
+def test_gpu_shape_buckets_give_the_same_answers(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path pads batches to power-of-two buckets and captions to max_len; exercised here on CPU."""
+    p = Predictor(Settings(model_dir=tiny_artifact, provider="cpu", max_batch_size=8))  # type: ignore[call-arg]
+    p.load()
+    samples = synthetic_samples(11, seed=9)
+    assert p.manifest is not None
+    images = np.stack([load_image(j, p.manifest.image_size) for j, _, _ in samples])
+    encoded = p.encode([c for _, c, _ in samples])
+    exact = p.predict(images, encoded)
+    monkeypatch.setattr(Predictor, "fixed_shapes", property(lambda self: True))
+    assert p.batch_buckets() == [1, 2, 4, 8]
+    seen: list[tuple[int, ...]] = []
+    real_run = p.session.run  # type: ignore[union-attr]
+    p.session = type("Spy", (), {"run": lambda self, out, feed: (seen.append(feed["input_ids"].shape), real_run(out, feed))[1]})()
+    bucketed = p.predict(images, encoded)
+    assert seen == [(8, 12), (4, 12)]  # 11 rows: a full batch of 8, then 3 rows padded to 4; captions to max_len
+    for a, b in zip(exact, bucketed):
+        assert np.allclose(a.probabilities, b.probabilities, atol=1e-6)
+        assert np.allclose(a.attention, b.attention, atol=1e-6) and a.tokens == b.tokens

@@ -1,0 +1,176 @@
+"""Soak test: mixed valid and invalid traffic for N minutes against a real server.
+
+Every interval it prints the server's resident memory, open file descriptors and threads
+(all its processes), latency percentiles of the valid requests and counts by status. It
+exits 1 on any 5xx or dropped connection, or when memory or descriptors keep growing.
+
+    python -m service.soak --minutes 10              # starts its own server on the default model
+    python -m service.soak --minutes 1 --interval 10 # the CI variant
+    python -m service.soak --url http://host:8000 --pid 1234 --minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import itertools
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from .bench import CAPTIONS, Server, make_jpegs
+from .settings import default_model_dir
+
+
+def proc_stats(pid: int) -> dict[str, float]:
+    """RSS (MB), open fds and threads of a process and its children, summed."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(x) for x in children.read_text().split()]
+    rss = fds = threads = 0.0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1]) / 1024
+                elif line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return {"rss_mb": rss, "fds": fds, "threads": threads}
+
+
+def _inputs() -> dict[str, object]:
+    jpegs = make_jpegs(640, 480, 8, seed=1) + make_jpegs(1280, 960, 2, seed=2)
+    png = io.BytesIO()
+    Image.new("RGBA", (300, 200), (10, 200, 30, 128)).save(png, format="PNG")
+    return {"jpegs": jpegs, "png": png.getvalue()}
+
+
+def _worker(url: str, headers: dict[str, str], stop: threading.Event, inputs: dict[str, object],
+            lock: threading.Lock, stats: dict[str, object], seed: int) -> None:
+    rng = random.Random(seed)
+    jpegs: list[bytes] = inputs["jpegs"]  # type: ignore[assignment]
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+        while not stop.is_set():
+            kind = rng.choices(["valid", "png", "batch", "garbage", "missing", "top_k", "health"], [50, 8, 6, 12, 8, 8, 8])[0]
+            t0 = time.perf_counter()
+            try:
+                if kind == "valid":
+                    r = c.post("/classify", files={"image": ("a.jpg", rng.choice(jpegs), "image/jpeg")},
+                               data={"description": rng.choice(CAPTIONS)})
+                elif kind == "png":
+                    png: bytes = inputs["png"]  # type: ignore[assignment]
+                    r = c.post("/classify", files={"image": ("a.png", png, "image/png")}, params={"explain": "true"})
+                elif kind == "batch":
+                    items = [{"image_base64": base64.b64encode(rng.choice(jpegs)).decode(), "description": rng.choice(CAPTIONS)}
+                             for _ in range(rng.randint(1, 8))] + [{"image_base64": "%%%", "description": ""}]
+                    r = c.post("/classify/batch", json={"items": items})
+                elif kind == "garbage":
+                    r = c.post("/classify", files={"image": ("a.jpg", rng.randbytes(rng.randint(0, 5000)), "image/jpeg")})
+                elif kind == "missing":
+                    r = c.post("/classify", data={"description": "no image"}, files={"other": ("x", b"1")})
+                elif kind == "top_k":
+                    r = c.post("/classify", params={"top_k": rng.choice(["0", "-1", "abc", "1000000000"])},
+                               files={"image": ("a.jpg", jpegs[0], "image/jpeg")})
+                else:
+                    r = c.get(rng.choice(["/healthz", "/readyz", "/metrics", "/model"]))
+                status = r.status_code
+            except httpx.HTTPError as exc:
+                status = -1
+                with lock:
+                    stats["transport_errors"].append(type(exc).__name__)  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - t0
+            with lock:
+                stats["status"][status] += 1  # type: ignore[index]
+                if kind == "valid" and status == 200:
+                    stats["latency"].append(elapsed)  # type: ignore[attr-defined]
+
+
+def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, api_key: str | None) -> int:
+    inputs = _inputs()
+    lock = threading.Lock()
+    stats: dict[str, object] = {"status": Counter(), "latency": [], "transport_errors": []}
+    stop = threading.Event()
+    headers = {"X-API-Key": api_key} if api_key else {}
+    threads = [threading.Thread(target=_worker, args=(url, headers, stop, inputs, lock, stats, i), daemon=True)
+               for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    samples: list[dict[str, Any]] = []
+    failed: list[str] = []
+    end = time.time() + minutes * 60
+    print("   t_s   rss_mb  fds  threads   req  p50_ms  p95_ms  p99_ms  statuses", flush=True)  # noqa: T201
+    t_start = time.time()
+    while time.time() < end:
+        time.sleep(min(interval, max(0.0, end - time.time())))
+        with lock:
+            lat = np.array(stats["latency"]) * 1000  # type: ignore[arg-type]
+            status: Counter[int] = stats["status"]  # type: ignore[assignment]
+            counts = dict(status)
+            stats["latency"], stats["status"] = [], Counter()
+        s = proc_stats(pid)
+        pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [float("nan")] * 3
+        samples.append({"t_s": round(time.time() - t_start), **s, "requests": sum(counts.values()),
+                        "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "statuses": counts})
+        print(f"{samples[-1]['t_s']:6d} {s['rss_mb']:8.1f} {s['fds']:4.0f} {s['threads']:8.0f} {sum(counts.values()):5d} "  # noqa: T201
+              f"{pct[0]:7.2f} {pct[1]:7.2f} {pct[2]:7.2f}  {json.dumps({str(k): v for k, v in sorted(counts.items())})}",
+              flush=True)
+        bad = {k: v for k, v in counts.items() if k >= 500 or k < 0}
+        if bad:
+            failed.append(f"at {samples[-1]['t_s']} s: server errors or dropped connections {bad}")
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    # growth: compare the second half with the first sample after warm-up
+    if len(samples) >= 3:
+        base = samples[1]
+        tail = samples[len(samples) // 2 :]
+        rss_growth = min(x["rss_mb"] for x in tail) - base["rss_mb"]
+        fd_growth = min(x["fds"] for x in tail) - base["fds"]
+        rising = all(b["rss_mb"] > a["rss_mb"] + 1 for a, b in itertools.pairwise(samples[1:]))
+        if rss_growth > 50 or (rising and rss_growth > 20):
+            failed.append(f"resident memory keeps growing: +{rss_growth:.1f} MB")
+        if fd_growth > 10:
+            failed.append(f"open file descriptors keep growing: +{fd_growth:.0f}")
+    summary = {"minutes": minutes, "start": samples[0] if samples else None, "end": samples[-1] if samples else None,
+               "failed": failed}
+    print(json.dumps(summary, default=float))  # noqa: T201
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.soak", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--interval", type=float, default=60, help="seconds between reports")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    ap.add_argument("--pid", type=int, default=None, help="its process id, for memory/fd/thread figures")
+    ap.add_argument("--model-dir", default=str(default_model_dir()))
+    ap.add_argument("--api-key", default=os.environ.get("CLASSIFIER_API_KEY"))
+    a = ap.parse_args(argv)
+    if a.url:
+        return soak(a.url, a.pid or os.getpid(), a.minutes, a.interval, a.concurrency, a.api_key)
+    server = Server("service", Path(a.model_dir))
+    try:
+        return soak(server.url, server.proc.pid, a.minutes, a.interval, a.concurrency, a.api_key)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
