@@ -55,6 +55,7 @@ from .schemas import (
     error_responses,
 )
 from .settings import Settings
+from .v2 import build_router
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
              responses={200: {"content": {"text/plain": {"example": "classifier_http_requests_total{...} 1.0"}}}})
     async def prom() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def decode_or_raise(data: bytes) -> np.ndarray:
+        try:
+            return await decode(data)
+        except ImageLoadFailed as f:
+            raise f.err from None
+
+    app.include_router(build_router(predictor, decode_or_raise, infer_one, settings.max_batch_items, __version__,
+                                    lambda: bool(app.state.draining)))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

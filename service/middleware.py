@@ -29,7 +29,7 @@ Message = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and a description
 
 
@@ -54,6 +54,13 @@ class RequestContextMiddleware:
             "/classify": ("multipart/form-data", settings.max_upload_bytes + FORM_OVERHEAD + 4 * settings.max_description_chars),
             "/classify/batch": ("application/json", settings.max_batch_body_bytes),
         }
+
+    def _rule(self, path: str) -> tuple[str, int] | None:
+        rule = self.post_rules.get(path)
+        if rule is None and path.startswith("/v2/models/") and path.endswith("/infer"):
+            # JSON or JSON + binary tensors: the protocol tells them apart by a header, not the type
+            return ("", self.settings.max_batch_body_bytes)
+        return rule
 
     def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
         assert self._key_digest is not None
@@ -114,7 +121,9 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-            body = json.dumps(error_body(code, msg, request_id)).encode()
+            # the Open Inference Protocol has its own error shape
+            payload = {"error": msg} if path.startswith("/v2") else error_body(code, msg, request_id)
+            body = json.dumps(payload).encode()
             hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
             await send_wrapped({"type": "http.response.start", "status": status, "headers": hdrs})
             await send_wrapped({"type": "http.response.body", "body": body})
@@ -124,13 +133,13 @@ class RequestContextMiddleware:
                 await reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
                             [(b"www-authenticate", b"Bearer")])
                 return
-            rule = self.post_rules.get(path) if method == "POST" else None
+            rule = self._rule(path) if method == "POST" else None
             if rule is None:
                 await self._call_app(scope, receive, send_wrapped, reply, status_holder, request_id)
                 return
             ctype, limit = rule
             got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            if got != ctype:
+            if ctype and got != ctype:
                 await reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
                 return
             declared = headers.get(b"content-length")
