@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ import tempfile
 from typing import Any
 
 from .artifact import ArtifactError
+from .logs import log_config
 from .predictor import Predictor, ProviderError
 from .settings import Settings
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None:
         os.environ["CLASSIFIER_WORKERS"] = str(args.workers)
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     workers, threads = resolve_workers(settings)
     os.environ["CLASSIFIER_INTRA_OP_THREADS"] = str(threads)
     settings = Settings()
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # drain the process should exit 0, which orchestrators read as a normal stop
     signal.signal(signal.SIGTERM, lambda *_: None)
     common: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": settings.log_level,
+                              "log_config": log_config(settings.log_level, settings.log_format),
                               "server_header": False, "access_log": False,
                               "timeout_graceful_shutdown": max(1, int(settings.shutdown_grace_s - settings.drain_delay_s))}
     if workers == 1:

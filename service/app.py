@@ -215,7 +215,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
-    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics,
+                       provider=lambda: predictor.providers[0] if predictor.providers else None)
 
     def require_ready() -> None:
         if not predictor.ready:
@@ -321,6 +322,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 status = _image_error_status(f.err)
                 return JSONResponse(error_body(f.err.code, str(f.err), request.state.request_id), status_code=status)
             pred = await infer_one(image, description)
+            request.state.batch_size = pred.batch_size
             return result(pred, top_k, explain, request.state.request_id)
 
     @app.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,

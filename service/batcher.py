@@ -153,6 +153,7 @@ class Batcher:
                         r.future.set_exception(BatchFailed("inference failed for this request's batch"))
             else:
                 for r, p in zip(live, preds, strict=True):
+                    p.batch_size = len(live)
                     if not r.future.done():
                         r.future.set_result(p)
             finally:

@@ -42,8 +42,10 @@ class BodyAborted(ServiceError):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
+                 provider: Callable[[], str | None] | None = None) -> None:
         self.app = app
+        self.provider = provider
         self.settings = settings
         self.metrics = metrics
         key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -178,5 +180,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(template, method, str(status_holder["status"])).inc()
             self.metrics.request_latency.labels(template).observe(elapsed)
-            log.info("request_id=%s method=%s route=%s status=%s latency_ms=%.1f", request_id, method, template,
-                     status_holder["status"], elapsed * 1000)
+            state = scope.get("state", {})
+            log.info("%s %s %s", method, template, status_holder["status"], extra={
+                "request_id": request_id, "method": method, "route": template, "status": status_holder["status"],
+                "latency_ms": round(elapsed * 1000, 2), "batch_size": state.get("batch_size"),
+                "provider": self.provider() if self.provider else None})

@@ -35,6 +35,7 @@ class Prediction:
     probabilities: np.ndarray  # float32 [C]
     attention: np.ndarray  # float32 [L_real]
     tokens: list[str]
+    batch_size: int = 1  # rows in the onnxruntime call that produced it (set by the batcher)
 
 
 def gpu_present() -> bool:

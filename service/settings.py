@@ -42,4 +42,5 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # when set, required on all routes but /healthz, /readyz, /metrics
     cors_origins: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = "json"  # json: one object per line, for log pipelines
     decode_threads: int = 0  # concurrent image decodes; 0 = one per core

@@ -20,12 +20,21 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from .errors import ServiceError
 from .predictor import Prediction, Predictor
 from .preprocessing import ImageError
 
 PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
+
+
+class V2ErrorBody(BaseModel):
+    error: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": V2ErrorBody, "description": "the protocol's error shape"} for s in statuses}
 
 
 class V2Error(Exception):
@@ -148,7 +157,7 @@ def build_router(predictor: Predictor, decode: Callable[[bytes], Awaitable[np.nd
     async def live() -> Any:
         return {"live": True}
 
-    @router.get("/health/ready", summary="Server readiness")
+    @router.get("/health/ready", summary="Server readiness", responses=_errors(503))
     async def ready() -> Any:
         ok = predictor.ready and not is_draining()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -213,9 +222,11 @@ def build_router(predictor: Predictor, decode: Callable[[bytes], Awaitable[np.nd
         return _response(req, [p for p in preds if p is not None], name)
 
     for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-        router.add_api_route(prefix, model_metadata, methods=["GET"], summary="Model metadata")
-        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"], summary="Model readiness")
-        router.add_api_route(prefix + "/infer", infer, methods=["POST"], summary="Inference (JSON or binary tensor data)")
+        router.add_api_route(prefix, model_metadata, methods=["GET"], summary="Model metadata", responses=_errors(404, 503))
+        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"], summary="Model readiness",
+                             responses=_errors(404, 503))
+        router.add_api_route(prefix + "/infer", infer, methods=["POST"], summary="Inference (JSON or binary tensor data)",
+                             responses=_errors(400, 401, 404, 413, 500, 503, 504))
 
     def _response(req: dict[str, Any], preds: list[Prediction], name: str) -> Response:
         m = predictor.manifest

@@ -260,3 +260,21 @@ def test_internal_error_has_no_traceback(tiny_artifact: Path, caplog: pytest.Log
         assert "CUDA" not in r.text and "secret" not in r.text
         assert any("inference failed for a batch" in rec.message for rec in caplog.records)
         assert classify(c).status_code == 200  # the next request is served
+
+
+def test_access_log_is_structured_and_holds_no_content(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import json as _json
+    import logging
+
+    from service.logs import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        r = classify(client, description="my secret caption about tomatoes")
+    assert r.status_code == 200
+    records = [rec for rec in caplog.records if rec.name == "service.access"]
+    assert records
+    line = _json.loads(JsonFormatter().format(records[-1]))
+    assert line["request_id"] == r.headers["x-request-id"] and line["route"] == "/classify" and line["status"] == 200
+    assert line["batch_size"] >= 1 and line["provider"] == "CPUExecutionProvider" and line["latency_ms"] > 0
+    everything = "\n".join(JsonFormatter().format(rec) for rec in caplog.records)
+    assert "secret caption" not in everything and "\xff\xd8" not in everything
