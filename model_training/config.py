@@ -36,7 +36,8 @@ class TrainConfig:
     min_freq: int = 2  # rarer words (typos, ids) become [UNK]
     val_frac: float = 0.1
     test_frac: float = 0.1
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    threads: int = 0  # torch intra-op threads; 0 = all cores (divided among ranks under torchrun)
+    device: str = "auto"  # auto (CUDA if available) | cuda | cpu
     progress: bool = True  # tqdm bars
     model: ModelConfig = field(default_factory=ModelConfig)
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from service.preprocessing import TextEncoder, train_tokenizer
 
+from . import distributed
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
 from .data import DecodedSplit, LoadedData, load_data
 from .model import FusedClassifier, ModelConfig, build_model
@@ -69,7 +70,8 @@ def iterate(t: Tensors, batch_size: int, order: np.ndarray | None = None) -> Any
 @torch.no_grad()
 def predict_probs(model: FusedClassifier, t: Tensors, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = [torch.softmax(model(img, ids)[0], -1) for img, ids, _ in iterate(t, batch_size)]
+    dev = next(model.parameters()).device
+    out = [torch.softmax(model(img.to(dev), ids.to(dev))[0], -1).cpu() for img, ids, _ in iterate(t, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.num_classes), np.float32)
 
 
@@ -106,86 +108,116 @@ def text_encoder_from_checkpoint(ckpt: dict[str, Any]) -> TextEncoder:
 
 
 def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
-    """Train one model as configured; returns the run's summary (also in metrics.json)."""
+    """Train one model as configured; returns the run's summary (also in metrics.json).
+
+    Under torchrun each rank trains on its shard with DistributedDataParallel; only rank 0
+    writes files and logs, and only rank 0's return value is the summary.
+    """
+    dd = distributed.setup(cfg.device)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     if data is None:
         data = load_data(cfg.data, cfg.model.image_size, cfg.seed, cfg.label_key, cfg.label_map,
                          cfg.val_frac, cfg.test_frac)
     if len(data.splits["train"]) == 0:
         raise SystemExit(f"no training samples in {cfg.data}\n{data.report.summary()}")
-    (out / "skipped.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
-    tok = train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq)
-    text = TextEncoder(tok, cfg.max_len)
-    text.tokenizer.save(str(out / "tokenizer.json"))
+    # one tokenizer for all ranks: rank 0 trains it, the others receive it
+    from tokenizers import Tokenizer
+
+    tok_json = dd.broadcast_str(train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
+                                if dd.main else None)
+    text = TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
     cfg.model.num_classes = len(data.labels)
     cfg.model.vocab_size = text.vocab_size
     cfg.model.pad_id = text.pad_id
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if dd.main:
+        (out / "skipped.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+        text.tokenizer.save(str(out / "tokenizer.json"))
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     tr, va, te = (to_tensors(data.splits[s], text, data.labels) for s in ("train", "val", "test"))
-    model = build_model(cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(cfg.model).to(dd.device)
+    trained: torch.nn.Module = model
+    if dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
+    opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     best_val, best_epoch, stale = -1.0, -1, 0
     log_path = out / "log.jsonl"
-    log_path.write_text("")
+    if dd.main:
+        log_path.write_text("")
     t0 = time.time()
+    epoch = 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = rng.permutation(len(tr.targets))
+        trained.train()
+        order = dd.shard(rng.permutation(len(tr.targets)))  # same permutation on every rank
         total, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(iterate(tr, cfg.batch_size, order), total=-(-len(order) // cfg.batch_size),
-                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and dd.main), leave=False)
         for img, ids, y in bar:
-            logits, _ = model(img, ids)
+            img, ids, y = img.to(dd.device), ids.to(dd.device), y.to(dd.device)
+            logits, _ = trained(img, ids)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages the gradients of all ranks here
             opt.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
-        val_probs = predict_probs(model, va)
-        val_acc = accuracy(val_probs, va.targets)
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_probs) + 1e-12), va.targets)) if len(va.targets) else float("nan")
-        row = {"epoch": epoch, "train_loss": loss_sum / total, "train_acc": correct / total,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1)}
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
-                 row["train_loss"], row["train_acc"], val_loss, val_acc)
-        # an empty val split (tiny data) falls back to keeping the latest epoch
-        score = val_acc if val_acc == val_acc else float(epoch)
-        if score > best_val:
-            best_val, best_epoch, stale = score, epoch, 0
-            save_checkpoint(out / "best.pt", model, data.labels, text, cfg, {"epoch": epoch, "val_acc": val_acc})
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
-                break
+        loss_sum, correct_f, total_f = dd.sum(loss_sum, correct, total)
+        stop = False
+        if dd.main:
+            val_probs = predict_probs(model, va)
+            val_acc = accuracy(val_probs, va.targets)
+            val_loss = (float(F.nll_loss(torch.log(torch.from_numpy(val_probs) + 1e-12), va.targets))
+                        if len(va.targets) else float("nan"))
+            row = {"epoch": epoch, "train_loss": loss_sum / total_f, "train_acc": correct_f / total_f,
+                   "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1), "world_size": dd.world}
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
+                     row["train_loss"], row["train_acc"], val_loss, val_acc)
+            # an empty val split (tiny data) falls back to keeping the latest epoch
+            score = val_acc if val_acc == val_acc else float(epoch)
+            if score > best_val:
+                best_val, best_epoch, stale = score, epoch, 0
+                save_checkpoint(out / "best.pt", model, data.labels, text, cfg,
+                                {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world})
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
+                    stop = True
+        if dd.broadcast_flag(stop):  # every rank stops at the same epoch
+            break
 
-    model, _ = load_checkpoint(out / "best.pt")
-    summary = {
-        "mode": cfg.model.mode,
-        "best_epoch": best_epoch,
-        "epochs_run": epoch,
-        "train_acc": accuracy(predict_probs(model, tr), tr.targets),
-        "val_acc": accuracy(predict_probs(model, va), va.targets),
-        "test_acc": accuracy(predict_probs(model, te), te.targets),
-        "n_train": len(tr.targets), "n_val": len(va.targets), "n_test": len(te.targets),
-        "skipped": data.report.to_dict(),
-        "seconds": round(time.time() - t0, 1),
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info(data.report.summary())
+    summary: dict[str, Any] = {}
+    if dd.main:
+        best, _ = load_checkpoint(out / "best.pt")
+        summary = {
+            "mode": cfg.model.mode,
+            "best_epoch": best_epoch,
+            "epochs_run": epoch,
+            "world_size": dd.world,
+            "train_acc": accuracy(predict_probs(best, tr), tr.targets),
+            "val_acc": accuracy(predict_probs(best, va), va.targets),
+            "test_acc": accuracy(predict_probs(best, te), te.targets),
+            "n_train": len(tr.targets), "n_val": len(va.targets), "n_test": len(te.targets),
+            "skipped": data.report.to_dict(),
+            "seconds": round(time.time() - t0, 1),
+        }
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info(data.report.summary())
+    dd.barrier()
     return summary
 
 
@@ -200,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     summary = train(cfg)
+    distributed.cleanup()
+    if not summary:  # not rank 0
+        return summary
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))  # noqa: T201
     print(f"skipped: {summary['skipped'] or 'none'}")  # noqa: T201
     return summary
