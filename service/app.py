@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from . import __version__, tracing
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout
 from .errors import (
     BadRequest,
@@ -172,6 +172,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     settings = settings or Settings()
     predictor = predictor or Predictor(settings)
     metrics = Metrics()
+    tracing.configure(settings.otel_exporter)
     cores = os.cpu_count() or 1
     decode_limiter = anyio.CapacityLimiter(settings.decode_threads or cores)
     # one onnxruntime call at a time: each already uses intra_op_threads cores

@@ -25,6 +25,7 @@ import numpy as np
 
 from .metrics import Metrics
 from .predictor import Prediction
+from .tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ class Batcher:
             descriptions = [r.description for r in live]
             self.in_flight += len(live)
             try:
-                preds = await anyio.to_thread.run_sync(self.run_batch, images, descriptions, limiter=self.limiter)
+                with tracer.start_as_current_span("onnxruntime batch", attributes={"batch.size": len(live)}):
+                    preds = await anyio.to_thread.run_sync(self.run_batch, images, descriptions, limiter=self.limiter)
             except Exception as exc:
                 log.error("inference failed for a batch of %d: %s", len(live), type(exc).__name__, exc_info=exc)
                 for r in live:

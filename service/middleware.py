@@ -18,9 +18,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind
+
 from .errors import ServiceError, error_body
 from .metrics import Metrics
 from .settings import Settings
+from .tracing import tracer
 
 log = logging.getLogger("service.access")
 
@@ -97,6 +101,18 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         path, method = scope["path"], scope["method"]
         status_holder: dict[str, Any] = {"status": 500, "started": False, "override": False, "abort": None}
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        with tracer.start_as_current_span(f"HTTP {method}", context=extract(carrier), kind=SpanKind.SERVER) as span:
+            await self._handle(scope, receive, send, start, headers, request_id, path, method, status_holder)
+            if span.is_recording():
+                route = scope.get("route")
+                span.update_name(f"{method} {getattr(route, 'path', path)}")
+                span.set_attributes({"http.request.method": method, "http.route": getattr(route, "path", path),
+                                     "http.response.status_code": int(status_holder["status"]), "request_id": request_id})
+
+    async def _handle(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any], start: float,
+                      headers: dict[bytes, bytes], request_id: str, path: str, method: str,
+                      status_holder: dict[str, Any]) -> None:
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":

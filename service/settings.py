@@ -43,4 +43,5 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log pipelines
+    otel_exporter: Literal["otlp", "console"] | None = None  # OpenTelemetry tracing; off unless set
     decode_threads: int = 0  # concurrent image decodes; 0 = one per core
