@@ -167,11 +167,14 @@ class Server:
         provider = os.environ.get("CLASSIFIER_PROVIDER", "cpu")
         full_env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(model_dir), "CLASSIFIER_PROVIDER": provider,
                     "CLASSIFIER_LOG_LEVEL": "warning", **(env or {})}
-        self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe: an undrained pipe fills up and blocks the server's logging
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; closed in stop)
+        self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                self.log.seek(0)
+                raise RuntimeError(f"{kind} server exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
@@ -196,6 +199,7 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.log.close()
 
 
 def load(url: str, bodies_file: str, concurrency: int, requests: int) -> dict[str, Any]:
