@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,8 @@ from model_training.synthetic import GeneratorConfig, generate  # noqa: E402  (n
 from service.artifact import load_manifest  # noqa: E402
 from service.preprocessing import TextEncoder, load_image  # noqa: E402
 
+transport_errors: list[str] = []
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,6 +41,7 @@ def free_port() -> int:
 
 async def drive(url: str, samples: list[tuple[bytes, str]], total: int, concurrency: int) -> tuple[float, list[float], int]:
     latencies: list[float] = []
+    transport_errors.clear()
     errors = 0
     queue = list(range(total))
 
@@ -47,9 +51,13 @@ async def drive(url: str, samples: list[tuple[bytes, str]], total: int, concurre
             i = queue.pop()
             jpg, cap = samples[i % len(samples)]
             t = time.perf_counter()
-            r = await client.post("/classify", files={"image": ("x.jpg", jpg, "image/jpeg")}, data={"description": cap})
+            try:
+                r = await client.post("/classify", files={"image": ("x.jpg", jpg, "image/jpeg")}, data={"description": cap})
+                errors += r.status_code != 200
+            except httpx.HTTPError as exc:  # counted, not fatal: the report must still come out
+                errors += 1
+                transport_errors.append(type(exc).__name__)
             latencies.append(time.perf_counter() - t)
-            errors += r.status_code != 200
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
         t0 = time.perf_counter()
@@ -63,6 +71,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--server-log", default="gpu_check_server.log", help="where the service's output goes")
     a = ap.parse_args()
     import onnxruntime as ort
 
@@ -70,15 +79,17 @@ def main() -> int:
                                  "available_providers": ort.get_available_providers()}
     ok = True
     port = free_port()
-    env = {**os.environ, "CLASSIFIER_MODEL_DIR": a.model_dir, "CLASSIFIER_PROVIDER": "cuda", "CLASSIFIER_LOG_LEVEL": "warning"}
+    env = {**os.environ, "CLASSIFIER_MODEL_DIR": a.model_dir, "CLASSIFIER_PROVIDER": "cuda", "CLASSIFIER_LOG_LEVEL": "warning",
+           "CLASSIFIER_WORKERS": os.environ.get("CLASSIFIER_WORKERS", "1")}
+    server_log = open(a.server_log, "w")  # noqa: SIM115 (closed in finally)
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=server_log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
         while True:
             if proc.poll() is not None:
-                print(proc.stdout.read() if proc.stdout else "", file=sys.stderr)  # noqa: T201
+                print(Path(a.server_log).read_text()[-3000:], file=sys.stderr)  # noqa: T201
                 print(json.dumps({**report, "ok": False, "error": "service exited during start-up"}))  # noqa: T201
                 return 1
             try:
@@ -115,7 +126,9 @@ def main() -> int:
         report["http"] = {"requests": a.requests, "concurrency": a.concurrency, "errors": errors,
                           "requests_per_s": round(a.requests / elapsed, 1),
                           "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
-                          "p95_ms": round(float(np.percentile(lat_ms, 95)), 2)}
+                          "p95_ms": round(float(np.percentile(lat_ms, 95)), 2),
+                          "transport_errors": dict(Counter(transport_errors)),
+                          "server_alive_after": proc.poll() is None}
         ok &= errors == 0
 
         gpu = ort.InferenceSession(str(Path(a.model_dir) / m.model_file), providers=["CUDAExecutionProvider"])
@@ -131,6 +144,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        server_log.close()
     report["ok"] = bool(ok)
     print(json.dumps(report, indent=2))  # noqa: T201
     return 0 if ok else 1
