@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .artifact import load_manifest
 from .preprocessing import TextEncoder, load_image
+from .procstats import proc_stats
 from .settings import default_model_dir
 
 CAPTIONS = [
@@ -185,16 +186,7 @@ class Server:
 
     def rss_mb(self) -> float:
         """Resident memory of the server and its worker processes, summed."""
-        pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if children.exists():
-            pids += [int(x) for x in children.read_text().split()]
-        total = 0.0
-        for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        return total
+        return proc_stats(self.proc.pid)["rss_mb"]
 
     def stop(self) -> None:
         self.proc.terminate()

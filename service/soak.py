@@ -30,27 +30,8 @@ import numpy as np
 from PIL import Image
 
 from .bench import CAPTIONS, Server, make_jpegs
+from .procstats import proc_stats
 from .settings import default_model_dir
-
-
-def proc_stats(pid: int) -> dict[str, float]:
-    """RSS (MB), open fds and threads of a process and its children, summed."""
-    pids = [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(x) for x in children.read_text().split()]
-    rss = fds = threads = 0.0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) / 1024
-                elif line.startswith("Threads:"):
-                    threads += int(line.split()[1])
-            fds += len(os.listdir(f"/proc/{p}/fd"))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return {"rss_mb": rss, "fds": fds, "threads": threads}
 
 
 def _inputs() -> dict[str, object]:

@@ -20,6 +20,8 @@ import pytest
 from conftest import jpeg_bytes, synthetic_samples
 from PIL import Image
 
+from service.procstats import proc_stats
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -49,13 +51,7 @@ def start(model_dir: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def rss_mb(pid: int) -> float:
-    pids = [pid] + [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    total = 0.0
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024
-    return total
+    return proc_stats(pid)["rss_mb"]
 
 
 def big_jpeg() -> bytes:
