@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .supervisor import ForwardingSupervisor
 
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; after a clean
     # drain the process should exit 0, which orchestrators read as a normal stop
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         # each worker builds its own app (and batcher) from the same CLASSIFIER_* environment
         logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
         del predictor
-        uvicorn.run("service.app:create_app", factory=True, workers=workers, **common)
+        config = uvicorn.Config("service.app:create_app", factory=True, workers=workers, **common)
+        ForwardingSupervisor(config, sockets=[config.bind_socket()]).run()
     return 0
 
 
