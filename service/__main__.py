@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
         del predictor
         config = uvicorn.Config("service.app:create_app", factory=True, workers=workers, **common)
-        ForwardingSupervisor(config, sockets=[config.bind_socket()]).run()
+        ForwardingSupervisor(config).run()
     return 0
 
 

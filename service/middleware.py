@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind
 from .errors import ServiceError, error_body
 from .metrics import Metrics
 from .settings import Settings
+from .tracing import active as tracing_active
 from .tracing import tracer
 
 log = logging.getLogger("service.access")
@@ -101,6 +102,9 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         path, method = scope["path"], scope["method"]
         status_holder: dict[str, Any] = {"status": 500, "started": False, "override": False, "abort": None}
+        if not tracing_active():
+            await self._handle(scope, receive, send, start, headers, request_id, path, method, status_holder)
+            return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
         with tracer.start_as_current_span(f"HTTP {method}", context=extract(carrier), kind=SpanKind.SERVER) as span:
             await self._handle(scope, receive, send, start, headers, request_id, path, method, status_holder)

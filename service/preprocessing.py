@@ -101,8 +101,8 @@ def load_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndar
             im.draft("RGB", (size, size))
         im.seek(0)  # GIF/TIFF/WebP: the first frame
         im.load()
-        oriented: Image.Image = ImageOps.exif_transpose(im) or im
-        rgb = _to_rgb(oriented)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: the default copies every image
+        rgb = _to_rgb(im)
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(rgb, dtype=np.uint8)

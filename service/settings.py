@@ -45,3 +45,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log pipelines
     otel_exporter: Literal["otlp", "console"] | None = None  # OpenTelemetry tracing; off unless set
     decode_threads: int = 0  # concurrent image decodes; 0 = one per core
+    # JPEGs up to this size are decoded on the event loop, skipping the thread hand-off (about
+    # 0.1 ms of the GIL per request; +4 % requests/s at concurrency 32 on 2 cores) at the price of
+    # blocking the loop for the decode (about 1 ms for a 640x480 photo). -1 = auto: 128 KiB when
+    # a worker has at most one core (its decode threads could not run in parallel anyway), else 0
+    inline_decode_bytes: int = -1

@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("image-text-classifier")
 
 
+def active() -> bool:
+    """Whether a real tracer provider is installed (ours, or one set up by the host process).
+
+    The request path asks before opening spans: the API's no-op spans, context attach and
+    detach still cost about 4 % of the CPU the event loop spends per request (py-spy, 1 worker).
+    """
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 def configure(exporter: str | None, service_name: str = "image-text-classifier", span_exporter: Any = None) -> bool:
     """Install an SDK tracer provider; returns whether tracing is on. ``span_exporter`` is for tests."""
     if not exporter and span_exporter is None:

@@ -1,0 +1,112 @@
+"""Several workers: a listening socket each, connections spread over them, crashes replaced, a busy port refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import jpeg_bytes
+from test_lifecycle import ROOT, free_port, start
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux-only")
+
+
+def listening_sockets(port: int) -> int:
+    """LISTEN entries for ``port`` in the kernel's TCP table: one per socket, not per process."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                count += 1
+    return count
+
+
+def wait_listening(port: int, n: int, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while listening_sockets(port) != n and time.time() < deadline:
+        time.sleep(0.05)
+    return listening_sockets(port) == n
+
+
+def workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def classify_ok(url: str) -> bool:
+    # a new connection each time: which worker gets it is the kernel's choice
+    r = httpx.post(f"{url}/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")},
+                   data={"description": "a red tomato"}, timeout=10)
+    return r.status_code == 200
+
+
+def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Path, tmp_path: Path) -> None:
+    from service.bench import multipart
+
+    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        assert wait_listening(port, 2)  # ready means one worker is up; the other may still be loading
+        workers = workers_of(proc.pid)
+        assert len(workers) == 2
+        before = [cpu_seconds(w) for w in workers]
+        with open(tmp_path / "bodies.pkl", "wb") as f:
+            pickle.dump([("/classify", *multipart(jpeg_bytes(), "a red tomato"))], f)
+        # 32 keep-alive connections opened in one burst: with one shared socket, the worker
+        # that woke first often took nearly all of them
+        out = subprocess.run([sys.executable, "-m", "service.loadgen", "--url", url, "--bodies", str(tmp_path / "bodies.pkl"),
+                              "--concurrency", "32", "--requests", "1500"], capture_output=True, cwd=ROOT, timeout=120, check=True)
+        assert b'"errors": 0' in out.stdout, out.stdout
+        used = [cpu_seconds(w) - b for w, b in zip(workers, before, strict=True)]
+        assert min(used) > 0.25 * sum(used), f"CPU seconds per worker: {used}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) -> None:
+    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        assert wait_listening(port, 2)
+        victim = workers_of(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_listening(port, 1, timeout=5)
+        # the dead worker's socket is gone with it (the supervisor keeps no copy), so no new
+        # connection waits in an accept queue that nobody serves
+        assert all(classify_ok(url) for _ in range(10))
+        assert wait_listening(port, 2)  # the replacement, on a socket of its own
+        assert victim not in workers_of(proc.pid) and len(workers_of(proc.pid)) == 2
+        assert all(classify_ok(url) for _ in range(10))
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+
+
+def test_a_busy_port_stops_start_up(tiny_artifact: Path) -> None:
+    port = free_port()
+    with socket.socket() as other:  # e.g. another instance of this service, which SO_REUSEPORT would silently join
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(tiny_artifact), "CLASSIFIER_PROVIDER": "cpu", "CLASSIFIER_WORKERS": "2"}
+        done = subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert done.returncode != 0
+    assert b"Address already in use" in done.stderr
