@@ -59,6 +59,7 @@ from .settings import Settings
 from .v2 import build_router
 
 log = logging.getLogger(__name__)
+FAST_FORM_MAX_BYTES = 1024 * 1024  # multipart bodies up to this size are parsed by service.multipart
 
 CLASSIFY_FORM_SCHEMA = {
     "requestBody": {
@@ -278,11 +279,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                code="description_too_long")
 
     async def read_form(request: Request) -> dict[str, list[str | FilePart]]:
-        body = await request.body()  # bounded and timed by the middleware
-        fast = parse_form(body, request.headers.get("content-type", "").encode("latin-1"))
-        if fast is not None:
-            return fast
-        # anything unusual: Starlette's general parser on the same bytes, with its errors
+        length = request.headers.get("content-length", "")
+        # the fast path holds the whole body in memory: only for bodies of known, modest size;
+        # larger ones stream through Starlette's parser, which spools files past 1 MiB to disk
+        if length.isdigit() and int(length) <= FAST_FORM_MAX_BYTES:
+            body = await request.body()  # framed by Content-Length (the HTTP parser), timed by the middleware
+            fast = parse_form(body, request.headers.get("content-type", "").encode("latin-1"))
+            if fast is not None:
+                return fast
+        # anything unusual: Starlette's general parser (on the same bytes if already read), with its errors
         try:
             form = await request.form(max_files=4, max_fields=8, max_part_size=1024 * 1024)
         except ServiceError:

@@ -278,3 +278,16 @@ def test_access_log_is_structured_and_holds_no_content(client: TestClient, caplo
     assert line["batch_size"] >= 1 and line["provider"] == "CPUExecutionProvider" and line["latency_ms"] > 0
     everything = "\n".join(JsonFormatter().format(rec) for rec in caplog.records)
     assert "secret caption" not in everything and "\xff\xd8" not in everything
+
+
+def test_inline_and_threaded_decoding_answer_alike(tiny_artifact: Path) -> None:
+    samples = synthetic_samples(4, seed=11)
+    truncated = samples[0][0][: len(samples[0][0]) // 2]
+    answers = []
+    for inline in (0, 1 << 20):  # every JPEG in a thread / every JPEG on the event loop
+        with make_client(tiny_artifact, inline_decode_bytes=inline) as c:
+            ok = [classify(c, jpg, caption, top_k=8).json() for jpg, caption, _ in samples]
+            bad = classify(c, truncated)
+            assert_error(bad, 400, "invalid_image")
+            answers.append(([{k: v for k, v in a.items() if k != "request_id"} for a in ok], bad.json()["error"]["code"]))
+    assert answers[0] == answers[1]
