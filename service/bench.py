@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .artifact import load_manifest
 from .preprocessing import TextEncoder, load_image
-from .procstats import proc_stats
+from .procstats import cpu_seconds, listening_sockets, proc_stats
 from .settings import default_model_dir
 
 CAPTIONS = [
@@ -165,6 +165,9 @@ class Server:
         args = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port)]
         if kind == "plain":
             args += ["--model-dir", str(model_dir)]
+        # python -m service's default is a worker per core (Linux: a listening socket each)
+        self.workers = 1 if kind == "plain" or not sys.platform.startswith("linux") else int(
+            (env or {}).get("CLASSIFIER_WORKERS") or os.environ.get("CLASSIFIER_WORKERS") or os.cpu_count() or 1)
         provider = os.environ.get("CLASSIFIER_PROVIDER", "cpu")
         full_env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(model_dir), "CLASSIFIER_PROVIDER": provider,
                     "CLASSIFIER_LOG_LEVEL": "warning", **(env or {})}
@@ -177,7 +180,8 @@ class Server:
                 self.log.seek(0)
                 raise RuntimeError(f"{kind} server exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                # ready answers come from the first worker up; with a socket per worker, wait for all of them
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200 and listening_sockets(self.port) >= self.workers:
                     return
             except httpx.HTTPError:
                 pass
@@ -194,13 +198,21 @@ class Server:
         self.log.close()
 
 
-def load(url: str, bodies_file: str, concurrency: int, requests: int) -> dict[str, Any]:
+def load(url: str, bodies_file: str, concurrency: int, requests: int, server_pid: int | None = None) -> dict[str, Any]:
+    """One loadgen run; with ``server_pid``, also the cores each server process kept busy
+    (a worker well under its share means the connections were spread unevenly)."""
+    before, t0 = (cpu_seconds(server_pid) if server_pid else {}), time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "service.loadgen", "--url", url, "--bodies", bodies_file,
                           "--concurrency", str(concurrency), "--requests", str(requests)],
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return dict(json.loads(out.stdout))
+    result = dict(json.loads(out.stdout))
+    if server_pid:
+        elapsed = time.perf_counter() - t0
+        after = cpu_seconds(server_pid)
+        result["server_cores_by_process"] = {str(p): round((after[p] - before.get(p, 0.0)) / elapsed, 2) for p in after}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = max(100, int(a.requests * min(1.0, 640 * 480 / (w * h)) ** 0.5))
                 load(server.url, inputs[key], 8, min(100, n))  # warm the connections and the server
                 for c in concurrency:
-                    runs = sorted((load(server.url, inputs[key], c, n) for _ in range(a.repeat)),
+                    runs = sorted((load(server.url, inputs[key], c, n, server.proc.pid) for _ in range(a.repeat)),
                                   key=lambda x: float(x["requests_per_s"]))
                     r = runs[len(runs) // 2]  # the median run: connection balancing across workers is noisy
                     r["runs_requests_per_s"] = [x["requests_per_s"] for x in runs]
@@ -259,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                     r["ratio_to_pipeline"] = r["requests_per_s"] / report["in_process"][key]["pipeline_per_s"]
                     report["http"].append(r)
                     print(f"{kind:>9} {key:>9} c={c:<3} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "  # noqa: T201
-                          f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f}  errors {r['errors']}", flush=True)
+                          f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f}  errors {r['errors']}  runs "
+                          + " ".join(f"{x['requests_per_s']:.0f}" for x in runs)
+                          + "  busy cores per process " + " | ".join(
+                              "/".join(f"{v:.2f}" for v in x["server_cores_by_process"].values()) for x in runs), flush=True)
             if kind == "batched" and a.memory_requests:
                 key = f"{sizes[0][0]}x{sizes[0][1]}"
                 load(server.url, inputs[key], 32, 1000)

@@ -16,20 +16,9 @@ import pytest
 from conftest import jpeg_bytes
 from test_lifecycle import ROOT, free_port, start
 
+from service.procstats import cpu_seconds, listening_sockets
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux-only")
-
-
-def listening_sockets(port: int) -> int:
-    """LISTEN entries for ``port`` in the kernel's TCP table: one per socket, not per process."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                count += 1
-    return count
 
 
 def wait_listening(port: int, n: int, timeout: float = 60) -> bool:
@@ -42,11 +31,6 @@ def wait_listening(port: int, n: int, timeout: float = 60) -> bool:
 def workers_of(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def classify_ok(url: str) -> bool:
@@ -65,7 +49,7 @@ def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Pa
         assert wait_listening(port, 2)  # ready means one worker is up; the other may still be loading
         workers = workers_of(proc.pid)
         assert len(workers) == 2
-        before = [cpu_seconds(w) for w in workers]
+        before = cpu_seconds(proc.pid)
         with open(tmp_path / "bodies.pkl", "wb") as f:
             pickle.dump([("/classify", *multipart(jpeg_bytes(), "a red tomato"))], f)
         # 32 keep-alive connections opened in one burst: with one shared socket, the worker
@@ -73,7 +57,8 @@ def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Pa
         out = subprocess.run([sys.executable, "-m", "service.loadgen", "--url", url, "--bodies", str(tmp_path / "bodies.pkl"),
                               "--concurrency", "32", "--requests", "1500"], capture_output=True, cwd=ROOT, timeout=120, check=True)
         assert b'"errors": 0' in out.stdout, out.stdout
-        used = [cpu_seconds(w) - b for w, b in zip(workers, before, strict=True)]
+        after = cpu_seconds(proc.pid)
+        used = [after[w] - before[w] for w in workers]
         assert min(used) > 0.25 * sum(used), f"CPU seconds per worker: {used}"
     finally:
         proc.terminate()
@@ -93,6 +78,24 @@ def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) 
         assert all(classify_ok(url) for _ in range(10))
         assert wait_listening(port, 2)  # the replacement, on a socket of its own
         assert victim not in workers_of(proc.pid) and len(workers_of(proc.pid)) == 2
+        assert all(classify_ok(url) for _ in range(10))
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+
+
+def test_sighup_replaces_every_worker_on_new_sockets(tiny_artifact: Path) -> None:
+    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        assert wait_listening(port, 2)
+        old = set(workers_of(proc.pid))
+        proc.send_signal(signal.SIGHUP)  # uvicorn's rolling restart, one worker at a time
+        deadline = time.time() + 60
+        while time.time() < deadline and not (set(workers_of(proc.pid)).isdisjoint(old) and len(workers_of(proc.pid)) == 2):
+            time.sleep(0.2)
+        assert set(workers_of(proc.pid)).isdisjoint(old) and len(workers_of(proc.pid)) == 2
+        assert wait_listening(port, 2)  # each replacement listens on a socket of its own
         assert all(classify_ok(url) for _ in range(10))
     finally:
         proc.terminate()
