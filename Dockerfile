@@ -22,6 +22,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin classifier
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
+COPY classifier_core/ /app/classifier_core/
 COPY service/ /app/service/
 COPY exported_models/ /app/exported_models/
 ENV PATH=/opt/venv/bin:$PATH \

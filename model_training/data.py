@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocessing import ImageError, load_image
+from classifier_core.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
     """Probabilities from an exported artifact, through the service's own preprocessing."""
     import onnxruntime as ort
 
-    from service.artifact import load_manifest
-    from service.preprocessing import TextEncoder
+    from classifier_core.artifact import load_manifest
+    from classifier_core.text import TextEncoder
 
     manifest = load_manifest(model_dir)
     text = TextEncoder.from_file(model_dir / manifest.tokenizer_file, manifest.max_len)
@@ -80,7 +80,7 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
 
     path = Path(target)
     if path.is_dir():  # exported artifact
-        from service.artifact import load_manifest
+        from classifier_core.artifact import load_manifest
 
         manifest = load_manifest(path)
         image_size = manifest.image_size
@@ -90,7 +90,8 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
         sp = loaded.splits[split]
         probs, labels = onnx_predict(path, sp.images, sp.captions)
     else:  # checkpoint
-        from .train import load_checkpoint, predict_probs, text_encoder_from_checkpoint, to_tensors
+        from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
+        from .tensors import predict_probs, to_tensors
 
         model, ckpt = load_checkpoint(path)
         tc = ckpt["train_config"]

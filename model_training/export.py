@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.artifact import MANIFEST, SCHEMA_VERSION, sha256_file
-from service.preprocessing import TextEncoder
+from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, sha256_file
+from classifier_core.text import TextEncoder, pad_ids
 
 from .model import InferenceWrapper
 
@@ -75,16 +75,10 @@ def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray,
             raise ExportError("onnxruntime produced non-finite probabilities")
         return max(float(np.abs(p_onnx - p_t.numpy()).max()), float(np.abs(a_onnx - a_t.numpy()).max()))
 
-    def pad(rows: list[list[int]]) -> np.ndarray:
-        out = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
-
     for bs in PARITY_BATCH_SIZES:
         diff = 0.0
         for s in range(0, len(ids), bs):
-            diff = max(diff, compare(images[s : s + bs], pad(ids[s : s + bs])))
+            diff = max(diff, compare(images[s : s + bs], pad_ids(ids[s : s + bs])))
         worst[f"batch_{bs}"] = diff
     rng = np.random.default_rng(0)
     n = min(32, len(ids))
@@ -107,9 +101,10 @@ def export_artifact(
     ablation: dict[str, Any] | None = None,
     extra_files: list[Path] | None = None,
 ) -> dict[str, Any]:
+    from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
     from .data import load_data
     from .evaluate import classification_report, plot_confusion
-    from .train import load_checkpoint, predict_probs, text_encoder_from_checkpoint, to_tensors
+    from .tensors import predict_probs, to_tensors
 
     model, ckpt = load_checkpoint(checkpoint)
     model.eval()
@@ -173,7 +168,7 @@ def export_artifact(
             "model_file": "model.onnx",
             "tokenizer_file": "tokenizer.json",
             "opset": OPSET,
-            "preprocessing": {"image": "service.preprocessing.load_image (RGB, alpha on white, EXIF, bilinear resize)",
+            "preprocessing": {"image": "classifier_core.images.load_image (RGB, alpha on white, EXIF, bilinear resize)",
                               "pixel_scaling": "in graph", "mean": list(model.cfg.mean), "std": list(model.cfg.std),
                               "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
                               "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},

@@ -6,7 +6,7 @@ image-only, text-only and fused models differ only in that switch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -149,14 +149,3 @@ class InferenceWrapper(nn.Module):
 
 def build_model(cfg: ModelConfig) -> FusedClassifier:
     return FusedClassifier(cfg)
-
-
-@dataclass
-class Checkpoint:
-    """What ``train`` saves: enough to rebuild and evaluate the model without the run folder."""
-
-    model_config: dict[str, Any]
-    state_dict: dict[str, Any]
-    labels: list[str]
-    max_len: int
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,14 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from service.preprocessing import TextEncoder, train_tokenizer
+from classifier_core.text import TextEncoder, train_tokenizer
 
 from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
-from .data import DecodedSplit, LoadedData, load_data
-from .model import FusedClassifier, ModelConfig, build_model
+from .data import LoadedData, load_data
+from .model import build_model
+from .tensors import accuracy, iterate, predict_probs, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -37,74 +38,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Tensors:
-    images: torch.Tensor  # uint8 [N, S, S, 3]
-    ids: list[list[int]]  # unpadded token ids
-    targets: torch.Tensor  # int64 [N]
-
-
-def to_tensors(split: DecodedSplit, text: TextEncoder, labels: list[str]) -> Tensors:
-    index = {lab: i for i, lab in enumerate(labels)}
-    ids = [e.ids for e in text.encode_batch(split.captions)] if len(split) else []
-    return Tensors(torch.from_numpy(split.images), ids, torch.tensor([index[x] for x in split.labels], dtype=torch.long))
-
-
-def pad_ids(rows: list[list[int]], pad_id: int = 0) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def iterate(t: Tensors, batch_size: int, order: np.ndarray | None = None) -> Any:
-    idx = order if order is not None else np.arange(len(t.targets))
-    for start in range(0, len(idx), batch_size):
-        b = idx[start : start + batch_size]
-        yield t.images[b], pad_ids([t.ids[i] for i in b]), t.targets[b]
-
-
-@torch.no_grad()
-def predict_probs(model: FusedClassifier, t: Tensors, batch_size: int = 256) -> np.ndarray:
-    model.eval()
-    dev = next(model.parameters()).device
-    out = [torch.softmax(model(img.to(dev), ids.to(dev))[0], -1).cpu() for img, ids, _ in iterate(t, batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.num_classes), np.float32)
-
-
-def accuracy(probs: np.ndarray, targets: torch.Tensor) -> float:
-    return float((probs.argmax(-1) == targets.numpy()).mean()) if len(targets) else float("nan")
-
-
-def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text: TextEncoder,
-                    cfg: TrainConfig, extra: dict[str, Any]) -> None:
-    torch.save({
-        "model_config": model.cfg.to_dict(),
-        "state_dict": model.state_dict(),
-        "labels": labels,
-        "max_len": cfg.max_len,
-        "tokenizer": text.tokenizer.to_str(),  # type: ignore[attr-defined]
-        "train_config": config_to_dict(cfg),
-        "extra": extra,
-    }, path)
-
-
-def load_checkpoint(path: str | Path) -> tuple[FusedClassifier, dict[str, Any]]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    mcfg = dict(ckpt["model_config"])
-    model = build_model(ModelConfig(**mcfg))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
-
-
-def text_encoder_from_checkpoint(ckpt: dict[str, Any]) -> TextEncoder:
-    from tokenizers import Tokenizer
-
-    return TextEncoder(Tokenizer.from_str(ckpt["tokenizer"]), int(ckpt["max_len"]))
 
 
 def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
@@ -197,6 +130,11 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
                 if stale >= cfg.patience:
                     log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
                     stop = True
+            # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
+            save_checkpoint(out / "last.pt", model, data.labels, text, cfg,
+                            {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world,
+                             "best_val": best_val, "best_epoch": best_epoch, "stale": stale},
+                            optimizer=opt)
         if dd.broadcast_flag(stop):  # every rank stops at the same epoch
             break
 

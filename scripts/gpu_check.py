@@ -26,9 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from classifier_core.artifact import load_manifest  # noqa: E402
+from classifier_core.images import load_image  # noqa: E402
+from classifier_core.text import TextEncoder  # noqa: E402
 from model_training.synthetic import GeneratorConfig, generate  # noqa: E402  (numpy + Pillow only)
-from service.artifact import load_manifest  # noqa: E402
-from service.preprocessing import TextEncoder, load_image  # noqa: E402
 
 transport_errors: list[str] = []
 

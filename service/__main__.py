@@ -6,12 +6,13 @@ import argparse
 import logging
 import logging.config
 import os
-import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from .artifact import ArtifactError
+from classifier_core.artifact import ArtifactError
+
 from .logs import log_config
 from .predictor import Predictor, ProviderError
 from .settings import Settings
@@ -19,21 +20,22 @@ from .settings import Settings
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service", description="Serve the image + text classifier over HTTP. "
-                                "Settings come from CLASSIFIER_* environment variables (see README).")
+                                "Settings come from CLASSIFIER_* environment variables (docs/configuration.md).")
     p.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--model-dir", default=None, help="artifact folder (overrides CLASSIFIER_MODEL_DIR)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (overrides CLASSIFIER_WORKERS)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (overrides CLASSIFIER_WORKERS; 0 = one per core)")
     args = p.parse_args(argv)
+    # settings are built once, here, and passed to every worker: never written back to the environment
+    overrides: dict[str, Any] = {}
     if args.model_dir:
-        os.environ["CLASSIFIER_MODEL_DIR"] = args.model_dir
+        overrides["model_dir"] = Path(args.model_dir)
     if args.workers is not None:
-        os.environ["CLASSIFIER_WORKERS"] = str(args.workers)
-    settings = Settings()
+        overrides["workers"] = args.workers
+    settings = Settings(**overrides)
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     workers, threads = resolve_workers(settings)
-    os.environ["CLASSIFIER_INTRA_OP_THREADS"] = str(threads)
-    settings = Settings()
+    settings = settings.model_copy(update={"workers": workers, "intra_op_threads": threads})
     predictor = Predictor(settings)
     try:
         # load before binding the port: a broken artifact ends start-up with one line
@@ -42,31 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service: cannot start: {exc}", file=sys.stderr)  # noqa: T201
         return 2
 
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # before any worker imports prometheus_client: one metrics view over all workers
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
+    from .server import Listen, PortInUse, Supervisor, serve_socket
 
-    import uvicorn
-
-    from .app import create_app
-    from .supervisor import ForwardingSupervisor
-
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; after a clean
-    # drain the process should exit 0, which orchestrators read as a normal stop
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    common: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": settings.log_level,
-                              "log_config": log_config(settings.log_level, settings.log_format),
-                              "server_header": False, "access_log": False,
-                              "timeout_graceful_shutdown": max(1, int(settings.shutdown_grace_s - settings.drain_delay_s))}
-    if workers == 1:
-        uvicorn.run(create_app(settings, predictor=predictor), **common)
-    else:
-        # each worker builds its own app (and batcher) from the same CLASSIFIER_* environment
+    listen = Listen(args.host, args.port)
+    try:
+        if workers == 1:
+            sock = listen.bind()
+            return serve_socket(settings, sock, predictor=predictor)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # prometheus_client's own variable, read by each worker at import: one metrics view over all
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
         logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
-        del predictor
-        config = uvicorn.Config("service.app:create_app", factory=True, workers=workers, **common)
-        ForwardingSupervisor(config).run()
-    return 0
+        del predictor  # each worker loads its own session
+        return Supervisor(settings, listen, workers).run()
+    except PortInUse as exc:
+        print(f"service: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
 
 
 def resolve_workers(settings: Settings) -> tuple[int, int]:

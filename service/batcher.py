@@ -6,9 +6,10 @@ here. The collector takes up to ``max_batch_size`` rows, or what arrived within
 While that runs, the next batch gathers, so under load batches grow by themselves.
 
 Guarantees: each caller gets exactly its own row's result (futures are paired with rows
-by position, never by content); an exception in one batch fails only that batch's
-callers, with ``BatchFailed``; a full queue refuses at once (``QueueFull``), and a row
-that waited longer than ``timeout_s`` is answered ``QueueTimeout`` without being run.
+by position, never by content); when an onnxruntime call fails, the batch is run again row
+by row, so only the rows that fail on their own get ``BatchFailed``; a full queue refuses at
+once (``QueueFull``); a row that waited longer than ``timeout_s`` is answered
+``QueueTimeout`` without being run; rows still queued at shutdown get ``Stopped``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from typing import Any
 import anyio
 import numpy as np
 
+from classifier_core.text import EncodedText
+
 from .metrics import Metrics
 from .predictor import Prediction
+from .tracing import active as tracing_active
 from .tracing import tracer
 
 log = logging.getLogger(__name__)
@@ -39,13 +43,17 @@ class QueueTimeout(Exception):
 
 
 class BatchFailed(Exception):
-    """The inference call for this row's batch raised; the message is safe to show."""
+    """The inference call for this row raised, even on its own; the message is safe to show."""
+
+
+class Stopped(Exception):
+    """The service is shutting down: the row was never run."""
 
 
 @dataclass
 class _Row:
     image: np.ndarray  # uint8 [S, S, 3]
-    description: str
+    text: EncodedText
     future: asyncio.Future[Prediction]
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -53,7 +61,7 @@ class _Row:
 class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray, list[str]], list[Prediction]],
+        run_batch: Callable[[np.ndarray, list[EncodedText]], list[Prediction]],
         metrics: Metrics,
         max_batch_size: int = 32,
         max_delay_s: float = 0.002,
@@ -91,14 +99,14 @@ class Batcher:
         while self._queue is not None and not self._queue.empty():
             row = self._queue.get_nowait()
             if not row.future.done():
-                row.future.set_exception(BatchFailed("the service is shutting down"))
+                row.future.set_exception(Stopped("the service is shutting down"))
 
-    async def submit(self, image: np.ndarray, description: str) -> Prediction:
+    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests are queued; the limit is {self.max_queue}")
-        row = _Row(image, description, asyncio.get_running_loop().create_future())
+        row = _Row(image, text, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(row)
         self.metrics.queue_depth.set(self._queue.qsize())
         return await row.future
@@ -141,25 +149,41 @@ class Batcher:
             self.metrics.queue_depth.set(self._queue.qsize())
             if not live:
                 continue
-            self.metrics.batch_size.observe(len(live))
-            images = np.stack([r.image for r in live])
-            descriptions = [r.description for r in live]
             self.in_flight += len(live)
             try:
-                with tracer.start_as_current_span("onnxruntime batch", attributes={"batch.size": len(live)}):
-                    preds = await anyio.to_thread.run_sync(self.run_batch, images, descriptions, limiter=self.limiter)
-            except Exception as exc:
-                log.error("inference failed for a batch of %d: %s", len(live), type(exc).__name__, exc_info=exc)
-                for r in live:
-                    if not r.future.done():
-                        r.future.set_exception(BatchFailed("inference failed for this request's batch"))
-            else:
-                for r, p in zip(live, preds, strict=True):
-                    p.batch_size = len(live)
-                    if not r.future.done():
-                        r.future.set_result(p)
+                await self._run(live)
             finally:
                 self.in_flight -= len(live)
+
+    async def _call(self, rows: list[_Row]) -> list[Prediction]:
+        self.metrics.batch_size.observe(len(rows))
+        images = np.stack([r.image for r in rows])
+        texts = [r.text for r in rows]
+        if not tracing_active():
+            return await anyio.to_thread.run_sync(self.run_batch, images, texts, limiter=self.limiter)
+        with tracer.start_as_current_span("onnxruntime batch", attributes={"batch.size": len(rows)}):
+            return await anyio.to_thread.run_sync(self.run_batch, images, texts, limiter=self.limiter)
+
+    async def _run(self, rows: list[_Row]) -> None:
+        try:
+            preds = await self._call(rows)
+        except Exception as exc:
+            log.error("inference failed for a batch of %d: %s", len(rows), type(exc).__name__, exc_info=exc)
+            if len(rows) > 1:
+                # row isolation: one poisoned row must not fail its neighbours (other clients'
+                # requests); each row is tried on its own and only the failing ones fail
+                for r in rows:
+                    if not r.future.done():
+                        await self._run([r])
+                return
+            for r in rows:
+                if not r.future.done():
+                    r.future.set_exception(BatchFailed("inference failed for this row"))
+            return
+        for r, p in zip(rows, preds, strict=True):
+            p.batch_size = len(rows)
+            if not r.future.done():
+                r.future.set_result(p)
 
     def info(self) -> dict[str, Any]:
         return {"max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay_s * 1000,

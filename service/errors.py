@@ -1,11 +1,14 @@
-"""Typed errors and the one place that turns any failure into the service's error body.
+"""Typed errors and the one place that turns any failure into an error body.
 
-Every non-2xx answer is ``{"error": {"code", "message", "request_id"}}``.
+Our API answers ``{"error": {"code", "message", "request_id"}}``; the Open Inference Protocol
+routes (``/v2``) answer the protocol's ``{"error": message}`` with the same ``code`` beside it.
+The codes and their statuses are one catalogue for every protocol.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,11 +23,14 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+                 status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
+        if status:
+            self.status = status
         self.headers = headers or {}
 
 
@@ -67,7 +73,7 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
     "bad_base64": (400, "items[0].image_base64 is not valid base64"),
     "bad_request": (400, "the request body is not valid multipart/form-data"),
     "invalid_json": (400, "the request body is not valid JSON"),
-    "invalid_description": (400, "the description is not valid UTF-8"),
+    "invalid_description": (400, "the description is not valid Unicode text (a lone surrogate)"),
     "unauthorized": (401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)"),
     "not_found": (404, "no route GET /nope"),
     "request_timeout": (408, "the request body did not arrive within 20 s"),
@@ -89,8 +95,25 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
 }
 
 
+ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERROR_CATALOGUE.items()}
+V2_PREFIX = "/v2"
+MAX_ECHO = 200  # characters of client input quoted back in an error message
+
+
+def truncate(text: str, limit: int = MAX_ECHO) -> str:
+    """Client input quoted in a message is cut: an error must not echo a megabyte back."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def error_payload(path: str, code: str, message: str, request_id: str) -> dict[str, Any]:
+    """The error body in the wire shape of the protocol that owns ``path``."""
+    if path.startswith(V2_PREFIX):
+        return {"error": message, "code": code}
+    return error_body(code, message, request_id)
 
 
 def request_id_of(request: Request) -> str:
@@ -98,12 +121,21 @@ def request_id_of(request: Request) -> str:
 
 
 def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, request_id_of(request)), status_code=status, headers=headers)
+    return JSONResponse(error_payload(request.url.path, code, message, request_id_of(request)), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready",
                504: "timeout"}
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """pydantic's errors as one line: at most five, each location and message truncated."""
+    parts = []
+    for err in list(errors)[:5]:
+        loc = ".".join(truncate(str(x), 60) for x in err.get("loc", ()))
+        parts.append(f"{loc}: {truncate(str(err.get('msg', 'invalid')))}")
+    return "; ".join(parts) or "invalid request"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -116,11 +148,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(request, 400, "invalid_json", "the request body is not valid JSON")
-        parts = []
-        for err in errors[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()))
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-        return error_response(request, 422, "validation_error", "; ".join(parts) or "invalid request")
+        return error_response(request, 422, "validation_error", describe_validation_errors(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

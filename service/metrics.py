@@ -26,6 +26,8 @@ class Metrics:
                                            registry=self.registry)
         self.images_decoded = Counter("classifier_images_decoded_total", "images decoded, by outcome",
                                       ["outcome"], registry=self.registry)
+        self.rows = Counter("classifier_rows_total", "rows answered by the pipeline, by outcome (ok or an error code)",
+                            ["outcome"], registry=self.registry)
         self.batch_size = Histogram("classifier_batch_size", "rows per onnxruntime call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.queue_wait = Histogram("classifier_queue_wait_seconds", "time a row waited for its batch",

@@ -21,8 +21,9 @@ from typing import Any
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 
-from .errors import ServiceError, error_body
+from .errors import ServiceError, error_body, error_payload
 from .metrics import Metrics
+from .pipeline import Pipeline
 from .settings import Settings
 from .tracing import active as tracing_active
 from .tracing import tracer
@@ -47,10 +48,9 @@ class BodyAborted(ServiceError):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics,
-                 provider: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, pipeline: Pipeline | None = None) -> None:
         self.app = app
-        self.provider = provider
+        self.pipeline = pipeline
         self.settings = settings
         self.metrics = metrics
         key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -143,9 +143,7 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-            # the Open Inference Protocol has its own error shape
-            payload = {"error": msg} if path.startswith("/v2") else error_body(code, msg, request_id)
-            body = json.dumps(payload).encode()
+            body = json.dumps(error_payload(path, code, msg, request_id)).encode()
             hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
             await send_wrapped({"type": "http.response.start", "status": status, "headers": hdrs})
             await send_wrapped({"type": "http.response.body", "body": body})
@@ -203,5 +201,9 @@ class RequestContextMiddleware:
             state = scope.get("state", {})
             log.info("%s %s %s", method, template, status_holder["status"], extra={
                 "request_id": request_id, "method": method, "route": template, "status": status_holder["status"],
-                "latency_ms": round(elapsed * 1000, 2), "batch_size": state.get("batch_size"),
-                "provider": self.provider() if self.provider else None})
+                "latency_ms": round(elapsed * 1000, 2), "rows": state.get("rows"), "batch_size": state.get("batch_size"),
+                "provider": self._provider()})
+
+    def _provider(self) -> str | None:
+        providers = self.pipeline.predictor.providers if self.pipeline is not None else []
+        return providers[0] if providers else None

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import ArtifactError, Manifest, load_manifest
-from .preprocessing import EncodedText, TextEncoder
+from classifier_core.artifact import ArtifactError, Manifest, load_manifest
+from classifier_core.text import EncodedText, TextEncoder
+
 from .settings import Settings
 
 log = logging.getLogger(__name__)

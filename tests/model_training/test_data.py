@@ -5,7 +5,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from conftest import jpeg_bytes
+from helpers import jpeg_bytes
 
 from model_training.data import SkipReport, load_data, read_manifest, read_webdataset, split_of
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DEFAULT_MODEL
+from helpers import DEFAULT_MODEL
 
+from classifier_core.artifact import load_manifest
+from classifier_core.images import load_image
 from model_training.data import split_of
 from model_training.evaluate import onnx_predict
 from model_training.synthetic import GeneratorConfig, generate
-from service.artifact import load_manifest
-from service.preprocessing import load_image
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "manifest.json").exists(), reason="no committed default model")
 

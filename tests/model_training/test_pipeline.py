@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from classifier_core.artifact import load_manifest, sha256_file
 from model_training.cli import COMMANDS
 from model_training.export import ExportError, check_parity
 from model_training.model import InferenceWrapper
-from service.artifact import load_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_onnx_has_dynamic_batch_and_sequence(tiny_artifact: Path) -> None:
 
 
 def test_parity_check_catches_a_wrong_model(tiny_run: Path, tiny_artifact: Path) -> None:
-    from model_training.train import load_checkpoint
+    from model_training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(tiny_run / "best.pt")
     with torch.no_grad():
@@ -69,6 +69,30 @@ def test_parity_check_catches_a_wrong_model(tiny_run: Path, tiny_artifact: Path)
     diff = check_parity(InferenceWrapper(model).eval(), tiny_artifact / "model.onnx", imgs, [[3, 4], [5], [6, 7, 8], [9]], 4, 20)
     assert diff["max"] > 1e-3
     assert issubclass(ExportError, RuntimeError)
+
+
+def test_export_that_breaks_parity_fails_and_leaves_nothing(tiny_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX file is written from a model patched after training; export must refuse it whole."""
+    import copy
+
+    from model_training import export
+
+    real_export = export._onnx_export
+
+    def export_a_different_model(wrapper, path, image_size):  # type: ignore[no-untyped-def]
+        other = copy.deepcopy(wrapper)
+        with torch.no_grad():
+            other.model.head.bias += torch.arange(other.model.head.bias.numel(), dtype=torch.float32)
+        real_export(other, path, image_size)
+
+    monkeypatch.setattr(export, "_onnx_export", export_a_different_model)
+    out = tmp_path / "artifacts" / "broken"
+    out.parent.mkdir()
+    with pytest.raises(export.ExportError, match="parity failed"):
+        export.export_artifact(tiny_run / "best.pt", out, name="broken")
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no temporary .export-* folder left behind either
 
 
 def test_evaluate_checkpoint_and_artifact_agree(tiny_run: Path, tiny_artifact: Path, tiny_data: Path, tmp_path: Path) -> None:
@@ -91,7 +115,14 @@ def test_ablate_smoke(tiny_data: Path, tmp_path: Path) -> None:
                            "--model.image-size", "16", "--export", str(tmp_path / "art")])
     assert set(summary["results"]) == {"image", "text", "fused"}
     table = (out / "ablation.md").read_text()
-    assert "0.825" in table and "0.926" in table and "image-only" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line and "model" not in line}
+    assert set(rows) == {"image-only", "text-only", "fused"}
+    for mode, label in (("image", "image-only"), ("text", "text-only"), ("fused", "fused")):
+        r = summary["results"][mode]
+        # train, val and test accuracy in the table are this run's, to the table's 3 decimals
+        assert rows[label][:3] == [f"{r['train_acc']:.3f}", f"{r['val_acc']:.3f}", f"{r['test_acc']:.3f}"], (rows[label], r)
+        assert json.loads((out / mode / "metrics.json").read_text())["test_acc"] == r["test_acc"]
     assert (out / "ablation.png").stat().st_size > 1000
     m = load_manifest(tmp_path / "art")
     assert set(m.metrics) == {"image", "text", "fused"}

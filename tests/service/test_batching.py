@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,36 +12,21 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import synthetic_samples
+from helpers import running_server, synthetic_samples
 
-from service.artifact import load_manifest
+from classifier_core.artifact import load_manifest
+from classifier_core.images import load_image
+from classifier_core.text import EncodedText, TextEncoder
 from service.batcher import Batcher, BatchFailed, QueueFull, QueueTimeout
 from service.metrics import Metrics
 from service.predictor import Prediction, Predictor
-from service.preprocessing import TextEncoder, load_image
 from service.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def batching_server(tiny_artifact: Path) -> Iterator[str]:
-    from test_e2e import free_port
-
-    port = free_port()
-    env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(tiny_artifact), "CLASSIFIER_PROVIDER": "cpu",
-           "CLASSIFIER_LOG_LEVEL": "warning", "CLASSIFIER_MAX_BATCH_DELAY_MS": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(tiny_artifact, CLASSIFIER_MAX_BATCH_DELAY_MS="5") as (_, url):
+        yield url
 
 
 def test_200_concurrent_requests_each_get_their_own_answer(batching_server: str, tiny_artifact: Path) -> None:
@@ -89,52 +71,66 @@ def predictor(tiny_artifact: Path) -> Predictor:
 
 
 def _run_real(p: Predictor):  # type: ignore[no-untyped-def]
-    def run(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
-        return p.predict(images, p.encode(descriptions))
+    def run(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+        return p.predict(images, texts)
     return run
 
 
-def test_a_failing_batch_fails_only_its_callers(predictor: Predictor) -> None:
-    calls = {"n": 0}
-    real = _run_real(predictor)
+POISON = EncodedText([1], ["poison"])  # a row the (simulated) engine fails on
 
-    def flaky(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
-        calls["n"] += 1
-        if "boom" in descriptions:
+
+def test_a_failing_row_fails_alone_and_rows_queued_behind_are_served(predictor: Predictor) -> None:
+    calls: list[int] = []
+    real = _run_real(predictor)
+    tomato = predictor.encode(["tomato"])[0]
+    img = np.full((32, 32, 3), 90, np.uint8)
+    alone = real(img[None], [tomato])[0]
+
+    def flaky(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+        calls.append(len(texts))
+        time.sleep(0.2)  # slow, so the innocent request queues behind the failing batch
+        if any(t is POISON for t in texts):
             raise RuntimeError("device lost")
-        return real(images, descriptions)
+        return real(images, texts)
 
     async def go() -> None:
-        b = Batcher(flaky, Metrics(), max_batch_size=4, max_delay_s=0.05)
+        b = Batcher(flaky, Metrics(), max_batch_size=2, max_delay_s=0.05)
         await b.start()
-        img = np.zeros((32, 32, 3), np.uint8)
-        first = await asyncio.gather(b.submit(img, "boom"), b.submit(img, "tomato"), return_exceptions=True)
-        assert all(isinstance(x, BatchFailed) for x in first)  # same batch
-        after = await b.submit(img, "tomato")  # the batcher goes on
-        assert isinstance(after, Prediction) and after.probabilities.shape == (8,)
+        first = [asyncio.create_task(b.submit(img, POISON)), asyncio.create_task(b.submit(img, tomato))]
+        await asyncio.sleep(0.1)  # both in the first batch, which is running
+        innocent = asyncio.create_task(b.submit(img, tomato))
+        results = await asyncio.gather(*first, innocent, return_exceptions=True)
+        assert isinstance(results[0], BatchFailed)
+        for r in results[1:]:  # its batch neighbour and the row queued behind both get answers
+            assert isinstance(r, Prediction)
+            assert np.allclose(r.probabilities, alone.probabilities, atol=1e-6)
+        after = await b.submit(img, tomato)  # the batcher goes on
+        assert isinstance(after, Prediction)
         await b.stop()
 
     asyncio.run(go())
-    assert calls["n"] == 2
+    # the batch of 2 failed, was retried row by row (1 fails, 1 succeeds), then the innocent row, then one more
+    assert calls == [2, 1, 1, 1, 1]
 
 
 def test_full_queue_and_queue_timeout(predictor: Predictor) -> None:
     real = _run_real(predictor)
+    text = predictor.encode(["tomato"])[0]
 
-    def slow(images: np.ndarray, descriptions: list[str]) -> list[Prediction]:
+    def slow(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
         time.sleep(0.3)
-        return real(images, descriptions)
+        return real(images, texts)
 
     async def go() -> None:
         b = Batcher(slow, Metrics(), max_batch_size=1, max_delay_s=0.0, max_queue=2, timeout_s=0.2)
         await b.start()
         img = np.zeros((32, 32, 3), np.uint8)
-        tasks = [asyncio.create_task(b.submit(img, "r0"))]
+        tasks = [asyncio.create_task(b.submit(img, text))]
         await asyncio.sleep(0.05)  # the first is running
-        tasks += [asyncio.create_task(b.submit(img, f"r{i}")) for i in (1, 2)]
+        tasks += [asyncio.create_task(b.submit(img, text)) for _ in (1, 2)]
         await asyncio.sleep(0.02)  # two wait
         with pytest.raises(QueueFull):
-            await b.submit(img, "one too many")
+            await b.submit(img, text)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(results[0], Prediction)
         assert isinstance(results[1], QueueTimeout) and isinstance(results[2], QueueTimeout)

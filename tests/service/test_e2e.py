@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import synthetic_samples
+from helpers import start_server, synthetic_samples
 from PIL import Image
 
 from service.client import AsyncClassifierClient, ClassifierClient, ClassifierError
@@ -23,32 +19,9 @@ from service.client import AsyncClassifierClient, ClassifierClient, ClassifierEr
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifact: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(tiny_artifact), "CLASSIFIER_PROVIDER": "cpu",
-           "CLASSIFIER_API_KEY": "k3y", "CLASSIFIER_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("service did not become ready")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_API_KEY="k3y")
     yield url
     proc.terminate()
     assert proc.wait(timeout=30) == 0

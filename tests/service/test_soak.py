@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_one_minute_soak(tiny_artifact: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "service.soak", "--minutes", "1", "--interval", "10", "--concurrency", "4",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--minutes", "1", "--interval", "10", "--concurrency", "4",
                           "--model-dir", str(tiny_artifact)], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.strip() and line.split()[0].isdigit()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.artifact import ArtifactError
+from classifier_core.artifact import ArtifactError
 from service.predictor import Predictor, ProviderError, gpu_present
 from service.settings import Settings
 
@@ -79,9 +79,15 @@ def test_cuda_without_gpu_fails_clearly(tiny_artifact: Path) -> None:
     assert out.returncode == 2 and "CLASSIFIER_PROVIDER=cuda" in out.stderr
 
 
-@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU")
-def test_auto_falls_back_to_cpu_quietly(tiny_artifact: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_auto_probes_cuda_quietly_and_falls_back(tiny_artifact: Path, capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # the probe runs on every machine: told a GPU is there, onnxruntime tries CUDA for real; where
+    # its libraries or the device are missing it logs errors, which must stay muted during the probe
+    real_gpu = gpu_present()
+    monkeypatch.setattr("service.predictor.gpu_present", lambda: True)
     p = Predictor(Settings(model_dir=tiny_artifact, provider="auto"))  # type: ignore[call-arg]
     p.load()
-    assert p.providers == ["CPUExecutionProvider"]
-    assert "Failed to load library" not in capfd.readouterr().err
+    if not real_gpu:
+        assert p.providers == ["CPUExecutionProvider"]
+    err = capfd.readouterr().err
+    assert "Failed to load library" not in err and "CUDA" not in err, err

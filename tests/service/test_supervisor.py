@@ -13,10 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import jpeg_bytes
-from test_lifecycle import ROOT, free_port, start
+from helpers import ROOT, free_port, jpeg_bytes, multipart_body, start_server
 
-from service.procstats import cpu_seconds, listening_sockets
+from benchmarks.procstats import cpu_seconds, listening_sockets
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux-only")
 
@@ -41,9 +40,7 @@ def classify_ok(url: str) -> bool:
 
 
 def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Path, tmp_path: Path) -> None:
-    from service.bench import multipart
-
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS="2")
     try:
         port = int(url.rsplit(":", 1)[1])
         assert wait_listening(port, 2)  # ready means one worker is up; the other may still be loading
@@ -51,10 +48,10 @@ def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Pa
         assert len(workers) == 2
         before = cpu_seconds(proc.pid)
         with open(tmp_path / "bodies.pkl", "wb") as f:
-            pickle.dump([("/classify", *multipart(jpeg_bytes(), "a red tomato"))], f)
+            pickle.dump([("/classify", *multipart_body(jpeg_bytes(), "a red tomato"))], f)
         # 32 keep-alive connections opened in one burst: with one shared socket, the worker
         # that woke first often took nearly all of them
-        out = subprocess.run([sys.executable, "-m", "service.loadgen", "--url", url, "--bodies", str(tmp_path / "bodies.pkl"),
+        out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--bodies", str(tmp_path / "bodies.pkl"),
                               "--concurrency", "32", "--requests", "1500"], capture_output=True, cwd=ROOT, timeout=120, check=True)
         assert b'"errors": 0' in out.stdout, out.stdout
         after = cpu_seconds(proc.pid)
@@ -66,7 +63,7 @@ def test_each_worker_has_its_own_socket_and_connections_spread(tiny_artifact: Pa
 
 
 def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) -> None:
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS="2")
     try:
         port = int(url.rsplit(":", 1)[1])
         assert wait_listening(port, 2)
@@ -85,12 +82,12 @@ def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) 
 
 
 def test_sighup_replaces_every_worker_on_new_sockets(tiny_artifact: Path) -> None:
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="2")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS="2")
     try:
         port = int(url.rsplit(":", 1)[1])
         assert wait_listening(port, 2)
         old = set(workers_of(proc.pid))
-        proc.send_signal(signal.SIGHUP)  # uvicorn's rolling restart, one worker at a time
+        proc.send_signal(signal.SIGHUP)  # rolling restart, one worker at a time
         deadline = time.time() + 60
         while time.time() < deadline and not (set(workers_of(proc.pid)).isdisjoint(old) and len(workers_of(proc.pid)) == 2):
             time.sleep(0.2)
@@ -111,5 +108,37 @@ def test_a_busy_port_stops_start_up(tiny_artifact: Path) -> None:
         env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(tiny_artifact), "CLASSIFIER_PROVIDER": "cpu", "CLASSIFIER_WORKERS": "2"}
         done = subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=ROOT, env=env, capture_output=True, timeout=60)
-    assert done.returncode != 0
-    assert b"Address already in use" in done.stderr
+    assert done.returncode == 2
+    # one line naming the address, no traceback
+    assert f"service: cannot listen on 127.0.0.1:{port}: Address already in use".encode() in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_sigttin_adds_a_worker_and_sigttou_removes_one(tiny_artifact: Path, tmp_path: Path) -> None:
+    log = (tmp_path / "server.log").open("wb")
+    proc, url = start_server(tiny_artifact, stdout=log, CLASSIFIER_WORKERS="2")  # type: ignore[arg-type]
+    port = int(url.rsplit(":", 1)[1])
+
+    def settle(n: int) -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (len(workers_of(proc.pid)) == n and listening_sockets(port) == n):
+            time.sleep(0.1)
+        assert len(workers_of(proc.pid)) == n and listening_sockets(port) == n
+
+    try:
+        settle(2)
+        proc.send_signal(signal.SIGTTIN)
+        settle(3)
+        assert all(classify_ok(url) for _ in range(6))
+        for n in (2, 1):
+            proc.send_signal(signal.SIGTTOU)
+            settle(n)
+        proc.send_signal(signal.SIGTTOU)  # never below one worker: refused, with a log line
+        time.sleep(1)
+        settle(1)
+        assert all(classify_ok(url) for _ in range(3))
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        log.close()
+    assert "SIGTTOU refused" in (tmp_path / "server.log").read_text()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from conftest import jpeg_bytes
+import opentelemetry.sdk.trace.export.in_memory_span_exporter as sdk  # a dev dependency: missing = failing
 from fastapi.testclient import TestClient
+from helpers import jpeg_bytes
 
 from service import tracing
 from service.app import create_app
 from service.settings import Settings
-
-sdk = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
 
 
 def test_spans_for_request_and_batch(tiny_artifact: Path) -> None:

@@ -1,8 +1,8 @@
 """The baseline a user would write: plain FastAPI, one ``session.run`` per request, decoding in the handler.
 
-Same model, same preprocessing, no batching, no limits. Used by ``service.bench`` only.
+Same model, same preprocessing, no batching, no limits. Used by ``benchmarks.bench`` only.
 
-    python -m service.bench_plain --port 8001 --model-dir exported_models/default
+    python -m benchmarks.bench_plain --port 8001 --model-dir exported_models/default
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from fastapi import FastAPI, File, Form, UploadFile
 
-from .artifact import load_manifest
-from .preprocessing import TextEncoder, load_image
+from classifier_core.artifact import load_manifest
+from classifier_core.images import load_image
+from classifier_core.text import TextEncoder
 
 
 def create_plain_app(model_dir: str | Path) -> FastAPI:
@@ -46,7 +47,7 @@ def create_plain_app(model_dir: str | Path) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    ap = argparse.ArgumentParser(prog="python -m service.bench_plain", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_plain", description=__doc__)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--model-dir", default="exported_models/default")

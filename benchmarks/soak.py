@@ -4,9 +4,9 @@ Every interval it prints the server's resident memory, open file descriptors and
 (all its processes), latency percentiles of the valid requests and counts by status. It
 exits 1 on any 5xx or dropped connection, or when memory or descriptors keep growing.
 
-    python -m service.soak --minutes 10              # starts its own server on the default model
-    python -m service.soak --minutes 1 --interval 10 # the CI variant
-    python -m service.soak --url http://host:8000 --pid 1234 --minutes 30
+    python -m benchmarks.soak --minutes 10              # starts its own server on the default model
+    python -m benchmarks.soak --minutes 1 --interval 10 # the CI variant
+    python -m benchmarks.soak --url http://host:8000 --pid 1234 --minutes 30
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.settings import default_model_dir
+
 from .bench import CAPTIONS, Server, make_jpegs
 from .procstats import proc_stats
-from .settings import default_model_dir
 
 
 def _inputs() -> dict[str, object]:
@@ -77,14 +78,21 @@ def _worker(url: str, headers: dict[str, str], stop: threading.Event, inputs: di
             elapsed = time.perf_counter() - t0
             with lock:
                 stats["status"][status] += 1  # type: ignore[index]
+                if status not in EXPECTED.get(kind, {200}):
+                    stats["unexpected"][f"{kind}:{status}"] += 1  # type: ignore[index]
                 if kind == "valid" and status == 200:
                     stats["latency"].append(elapsed)  # type: ignore[attr-defined]
+
+
+# the status each kind of request must get; anything else fails the soak
+EXPECTED: dict[str, set[int]] = {"valid": {200}, "png": {200}, "batch": {200}, "garbage": {400}, "missing": {422},
+                                 "top_k": {422}, "health": {200}}
 
 
 def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, api_key: str | None) -> int:
     inputs = _inputs()
     lock = threading.Lock()
-    stats: dict[str, object] = {"status": Counter(), "latency": [], "transport_errors": []}
+    stats: dict[str, object] = {"status": Counter(), "latency": [], "transport_errors": [], "unexpected": Counter()}
     stop = threading.Event()
     headers = {"X-API-Key": api_key} if api_key else {}
     threads = [threading.Thread(target=_worker, args=(url, headers, stop, inputs, lock, stats, i), daemon=True)
@@ -113,6 +121,11 @@ def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, 
         bad = {k: v for k, v in counts.items() if k >= 500 or k < 0}
         if bad:
             failed.append(f"at {samples[-1]['t_s']} s: server errors or dropped connections {bad}")
+        with lock:
+            unexpected = dict(stats["unexpected"])  # type: ignore[call-overload]
+            stats["unexpected"] = Counter()
+        if unexpected:  # e.g. a valid image refused: a service answering 400 to everything must not pass
+            failed.append(f"at {samples[-1]['t_s']} s: unexpected statuses by kind {unexpected}")
     stop.set()
     for t in threads:
         t.join(timeout=30)
@@ -134,7 +147,7 @@ def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m service.soak", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--interval", type=float, default=60, help="seconds between reports")

@@ -5,15 +5,15 @@ Not a test. It measures, on this machine and these inputs:
 1. in-process limits: decode+preprocess alone (a thread per core), onnxruntime alone at batch
    1 and at the service's batch size, the combined pipeline (decoding on every core while
    batches run), and one request's in-process time (decode + tokenise + batch-1 inference);
-2. over HTTP, with ``service.loadgen`` in its own process: the service with dynamic batching,
+2. over HTTP, with ``benchmarks.loadgen`` in its own process: the service with dynamic batching,
    the same service with batching off (``CLASSIFIER_MAX_BATCH_SIZE=1``), and the plain
-   baseline (``service.bench_plain``), at each concurrency and image size;
+   baseline (``benchmarks.bench_plain``), at each concurrency and image size;
 3. optionally the service's resident memory over a long run (``--memory-requests``).
 
 It prints a table and writes JSON (``--out``).
 
-    python -m service.bench --quick                  # about 3 minutes
-    python -m service.bench --out bench.json         # the full grid
+    python -m benchmarks.bench --quick                  # about 3 minutes
+    python -m benchmarks.bench --out bench.json         # the full grid
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter
 
-from .artifact import load_manifest
-from .preprocessing import TextEncoder, load_image
+from classifier_core.artifact import load_manifest
+from classifier_core.images import load_image
+from classifier_core.text import TextEncoder
+from service.settings import default_model_dir
+
 from .procstats import cpu_seconds, listening_sockets, proc_stats
-from .settings import default_model_dir
 
 CAPTIONS = [
     "",
@@ -161,7 +163,7 @@ class Server:
     def __init__(self, kind: str, model_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        module = "service" if kind != "plain" else "service.bench_plain"
+        module = "service" if kind != "plain" else "benchmarks.bench_plain"
         args = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port)]
         if kind == "plain":
             args += ["--model-dir", str(model_dir)]
@@ -202,7 +204,7 @@ def load(url: str, bodies_file: str, concurrency: int, requests: int, server_pid
     """One loadgen run; with ``server_pid``, also the cores each server process kept busy
     (a worker well under its share means the connections were spread unevenly)."""
     before, t0 = (cpu_seconds(server_pid) if server_pid else {}), time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "service.loadgen", "--url", url, "--bodies", bodies_file,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--bodies", bodies_file,
                           "--concurrency", str(concurrency), "--requests", str(requests)],
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
@@ -216,7 +218,7 @@ def load(url: str, bodies_file: str, concurrency: int, requests: int, server_pid
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(default_model_dir()))
     ap.add_argument("--sizes", default="640x480,1280x960,4000x3000")
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": {"cpus": cores, "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "onnxruntime": ort.__version__, "node": platform.node()},
-        "command": "python -m service.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "in_process": {}, "http": [],
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -8,16 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.preprocessing import (
-    EMPTY_TOKEN,
-    ImageError,
-    ImageTooLargeError,
-    InvalidImageError,
-    TextEncoder,
-    UnsupportedImageError,
-    load_image,
-    train_tokenizer,
-)
+from classifier_core.images import ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError, load_image
+from classifier_core.text import EMPTY_TOKEN, TextEncoder, train_tokenizer
 
 S = 32
 

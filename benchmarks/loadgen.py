@@ -5,7 +5,7 @@ until ``requests`` have been sent in total; it records each request's latency an
 Raw sockets keep the generator's own CPU cost far below an HTTP client library's, which
 matters on a 2-core machine where the generator and the server share the cores.
 
-    python -m service.loadgen --url http://127.0.0.1:8000 --bodies bodies.pkl --concurrency 32 --requests 2000
+    python -m benchmarks.loadgen --url http://127.0.0.1:8000 --bodies bodies.pkl --concurrency 32 --requests 2000
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ async def run(url: str, requests: list[bytes], concurrency: int, total: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m service.loadgen", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", required=True)
     ap.add_argument("--bodies", required=True, help="pickle of [(path, body bytes, content type), ...]")

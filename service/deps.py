@@ -1,0 +1,26 @@
+"""FastAPI dependencies: what a route needs, taken from the app that serves it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from .pipeline import Pipeline
+from .settings import Settings
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+TopK = Annotated[int, Query(ge=1, description="how many labels to return (1..number of labels)")]
+Explain = Annotated[bool, Query(description="also return the caption tokens' attention weights")]

@@ -1,0 +1,39 @@
+"""Shutdown as orchestrators expect it: readiness turns false first, then the listener closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Any
+
+from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def install_drain_on_sigterm(pipeline: Pipeline, delay_s: float) -> None:
+    """On SIGTERM: readiness answers 503 at once; the server stops accepting after ``delay_s``.
+
+    uvicorn has installed its own SIGTERM handler by the time the lifespan runs (in every
+    worker process); this one wraps it, so load balancers see "not ready" and stop sending
+    before the listening socket closes, and uvicorn's graceful shutdown then drains what was
+    accepted. A second SIGTERM skips the delay.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # not under a real server (e.g. TestClient): signals cannot be handled here
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(sig: int, frame: Any) -> None:
+        if pipeline.draining:
+            previous(sig, frame)
+            return
+        pipeline.draining = True
+        log.info("SIGTERM: not ready from now; closing the listener in %.1f s, then draining", delay_s)
+        loop.call_soon_threadsafe(loop.call_later, delay_s, previous, sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

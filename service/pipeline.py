@@ -1,0 +1,277 @@
+"""The request pipeline every protocol goes through: rows in, one answer per row out.
+
+::
+
+    adapter (/classify, /classify/batch, /v2)      wire format -> list[Row]
+      -> Pipeline.run                              ready? row count within limits?
+           -> admission                            one budget, counted in rows, for every route
+           -> per row: validate                    size, description text and length
+           -> prepare (decode + tokenize)          a decode thread, or inline for small JPEGs
+           -> Batcher                              dynamic batches, one onnxruntime call each
+      <- list[Prediction | RowError]               a typed error fails only its own row
+    adapter renders the answers in its wire shape
+
+Request-level refusals (not ready, too many rows, overload) raise :class:`ServiceError`;
+anything that goes wrong with one row becomes that row's :class:`RowError`, so one bad row
+never fails the rows beside it, whoever sent them. Admission comes after the adapter has
+read and parsed the body: a client that has not sent its data holds no share of the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from classifier_core.images import ImageError, load_image
+from classifier_core.text import EncodedText
+
+from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
+from .errors import ERROR_STATUS, InvalidField, NotReady, Overloaded, ServiceError
+from .metrics import Metrics
+from .predictor import Prediction, Predictor
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image with its caption, as an adapter read it off the wire.
+
+    ``image`` is the encoded file; with ``base64=True`` it is still base64 text (decoded in the
+    decode thread, not on the event loop). ``description`` may be raw bytes (decoded as strict
+    UTF-8 here, so every protocol refuses bad text the same way).
+    """
+
+    image: bytes | str
+    description: str | bytes = ""
+    base64: bool = False
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row got no prediction: an error code from ``errors.ERROR_CATALOGUE``."""
+
+    code: str
+    message: str
+    status: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", ERROR_STATUS.get(self.code, 500))
+
+    def exception(self, where: str = "") -> ServiceError:
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return ServiceError(f"{where}{self.message}", code=self.code, headers=headers, status=self.status)
+
+
+Answer = Prediction | RowError
+
+
+class _RowFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.error = RowError(code, message)
+
+
+@dataclass
+class Prepared:
+    image: np.ndarray  # uint8 [S, S, 3]
+    text: EncodedText
+
+
+class Admission:
+    """Rows admitted and not yet answered (decoding, queued or in a batch), bounded.
+
+    Counted from admission, not from the batcher's queue: when decoding is the bottleneck,
+    work piles up before the queue, and the excess is refused at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0  # touched only on the event loop
+
+    @contextmanager
+    def admit(self, n: int) -> Iterator[None]:
+        if self.count + n > self.limit:
+            raise Overloaded(f"{self.count} rows are in progress; {n} more would pass the limit of {self.limit}",
+                             headers={"Retry-After": "1"})
+        self.count += n
+        try:
+            yield
+        finally:
+            self.count -= n
+
+
+class Pipeline:
+    """Validate -> admit -> decode + tokenize -> batch -> answer, for rows from any protocol."""
+
+    def __init__(self, settings: Settings, predictor: Predictor, metrics: Metrics) -> None:
+        self.settings = settings
+        self.predictor = predictor
+        self.metrics = metrics
+        self.draining = False  # set on SIGTERM: readiness answers 503 from then on
+        cores = os.cpu_count() or 1
+        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads or cores)
+        inline = settings.inline_decode_bytes
+        if inline < 0:  # auto: see Settings.inline_decode_bytes
+            inline = 128 * 1024 if cores <= (settings.workers or cores) else 0
+        self.inline_decode_bytes = inline
+        self.admission = Admission(settings.max_queue)
+        # one onnxruntime call at a time: each already uses intra_op_threads cores
+        self.batcher = Batcher(self._infer, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
+                               settings.max_queue, settings.request_timeout_ms / 1000)
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self, load_model: bool = True) -> None:
+        if load_model and not self.predictor.ready:
+            await anyio.to_thread.run_sync(self.predictor.load)
+        m = self.predictor.manifest
+        if self.predictor.ready and m is not None:
+            self.metrics.model_info.labels(m.name, m.version, self.predictor.providers[0]).set(1)
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    # --- request-level checks --------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.predictor.ready and not self.draining
+
+    def require_ready(self) -> None:
+        if not self.predictor.ready:
+            raise NotReady(f"the model is not ready (state: {self.predictor.state})", headers={"Retry-After": "5"})
+
+    @property
+    def labels(self) -> list[str]:
+        m = self.predictor.manifest
+        return m.labels if m is not None else []
+
+    def check_top_k(self, top_k: int) -> None:
+        n = len(self.labels)
+        if n and not 1 <= top_k <= n:
+            raise InvalidField(f"top_k must be between 1 and {n} (the number of labels), got {top_k}", code="validation_error")
+
+    def refuse_if_full(self) -> None:
+        """Before a body is read: when the budget is already spent, refuse at once (503 costs no
+        read, parse or decode). Holds nothing: admission proper comes in ``run``, once the rows are here."""
+        if self.admission.count >= self.admission.limit:
+            raise Overloaded(f"{self.admission.count} rows are in progress; the limit is {self.admission.limit}",
+                             headers={"Retry-After": "1"})
+
+    def check_row_count(self, n: int, what: str = "the request") -> None:
+        """Before any row is decoded: every protocol has the same bounds on rows per request."""
+        if n < 1:
+            raise InvalidField(f"{what} has no rows (send at least one image)", code="validation_error")
+        if n > self.settings.max_batch_items:
+            raise InvalidField(f"{what} has {n} rows; the limit is {self.settings.max_batch_items}", code="too_many_items")
+
+    # --- the pipeline ----------------------------------------------------------------
+    async def run(self, rows: Sequence[Row], state: Any = None) -> list[Answer]:
+        """One answer per row, in order. ``state`` (the request's) gets ``rows`` and ``batch_size``
+        for the access log, the same fields whichever protocol called."""
+        self.require_ready()
+        self.check_row_count(len(rows))
+        with self.admission.admit(len(rows)):
+            # one row (the common case) skips gather's task per row
+            answers = [await self._row(rows[0])] if len(rows) == 1 else list(await asyncio.gather(*map(self._row, rows)))
+        for a in answers:
+            self.metrics.rows.labels("ok" if isinstance(a, Prediction) else a.code).inc()
+        if state is not None:
+            state.rows = len(rows)
+            sizes = [a.batch_size for a in answers if isinstance(a, Prediction)]
+            state.batch_size = max(sizes) if sizes else None
+        return answers
+
+    async def _row(self, row: Row) -> Answer:
+        try:
+            description = self._validate(row)
+            prepared = await self._prepare(row, description)
+            return await self._submit(prepared)
+        except _RowFailed as f:
+            return f.error
+        except Exception as exc:  # a bug must cost one row, never its neighbours or the worker
+            log.error("row failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
+            return RowError("internal_error", "internal error; see the service log with this request id")
+
+    def _validate(self, row: Row) -> str:
+        s = self.settings
+        size = len(row.image)
+        if row.base64:
+            size = len(row.image) * 3 // 4  # decoded size, known before decoding
+        if size > s.max_upload_bytes:
+            raise _RowFailed("payload_too_large", f"the image is {size} bytes; the limit is {s.max_upload_bytes}")
+        raw = row.description
+        if isinstance(raw, bytes):
+            # UTF-8, or Latin-1 where it is not valid UTF-8: what the multipart parser does with a
+            # text field, so /classify and /v2's binary tensors read the same bytes the same way
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+        else:
+            text = raw
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud800"): not text
+                raise _RowFailed("invalid_description", "the description is not valid Unicode text (a lone surrogate)") from None
+        if len(text) > s.max_description_chars:
+            raise _RowFailed("description_too_long",
+                             f"the description has {len(text)} characters; the limit is {s.max_description_chars}")
+        return text
+
+    def _prepare_sync(self, row: Row, description: str) -> Prepared:
+        """Decode and tokenize (in a decode thread, or inline): LitServe's ``decode_request``."""
+        manifest, text = self.predictor.manifest, self.predictor.text
+        assert manifest is not None and text is not None
+        data = row.image
+        if row.base64:
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise _RowFailed("bad_base64", "the image is not valid base64") from None
+            if len(data) > self.settings.max_upload_bytes:
+                raise _RowFailed("payload_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
+        assert isinstance(data, bytes)
+        try:
+            image = load_image(data, manifest.image_size, self.settings.max_image_pixels)
+        except ImageError as err:
+            self.metrics.images_decoded.labels("error").inc()
+            raise _RowFailed(err.code, str(err)) from None
+        self.metrics.images_decoded.labels("ok").inc()
+        try:
+            encoded = text.encode(description)
+        except Exception as exc:
+            raise _RowFailed("invalid_description", f"the description could not be tokenized ({type(exc).__name__})") from None
+        return Prepared(image, encoded)
+
+    async def _prepare(self, row: Row, description: str) -> Prepared:
+        if not row.base64 and len(row.image) <= self.inline_decode_bytes and row.image[:2] == b"\xff\xd8":
+            return self._prepare_sync(row, description)  # a small JPEG: cheaper than a thread hop
+        return await anyio.to_thread.run_sync(self._prepare_sync, row, description, limiter=self.decode_limiter)
+
+    async def _submit(self, prepared: Prepared) -> Prediction:
+        try:
+            return await self.batcher.submit(prepared.image, prepared.text)
+        except QueueFull as exc:
+            raise _RowFailed("overloaded", str(exc)) from None
+        except QueueTimeout as exc:
+            raise _RowFailed("timeout", str(exc)) from None
+        except Stopped as exc:
+            raise _RowFailed("not_ready", str(exc)) from None
+        except BatchFailed as exc:
+            raise _RowFailed("inference_failed", str(exc)) from None
+
+    def _infer(self, images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+        with self.metrics.inference_latency.time():
+            return self.predictor.predict(images, texts)

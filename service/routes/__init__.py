@@ -1,0 +1,1 @@
+"""Thin adapters, one module per protocol: wire format -> rows -> ``Pipeline.run`` -> wire format."""

@@ -1,0 +1,60 @@
+"""Probes and introspection: ``/healthz``, ``/readyz``, ``/model``, ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..deps import PipelineDep, SettingsDep
+from ..errors import error_body
+from ..schemas import Health, ModelInfo, Readiness, error_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process serves HTTP")
+async def healthz() -> Any:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Readiness, summary="Readiness: the model is loaded and warmed",
+            responses=error_responses(503))
+async def readyz(request: Request, pipeline: PipelineDep) -> Any:
+    predictor = pipeline.predictor
+    if pipeline.draining:
+        body = error_body("not_ready", "the service is shutting down", request.state.request_id)
+        body["status"] = "shutting_down"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    if predictor.ready:
+        return {"status": "ready", "model": predictor.manifest.name if predictor.manifest else None,
+                "provider": predictor.providers[0] if predictor.providers else None}
+    body = error_body("not_ready", f"the model is not ready (state: {predictor.state})", request.state.request_id)
+    body["status"] = predictor.state
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/model", response_model=ModelInfo, summary="The loaded model, its providers and the service limits",
+            responses=error_responses(401, 503))
+async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
+    pipeline.require_ready()
+    m = pipeline.predictor.manifest
+    assert m is not None
+    return {
+        "name": m.name, "version": m.version, "mode": m.mode, "labels": m.labels, "image_size": m.image_size,
+        "max_caption_tokens": m.max_len,
+        "inputs": [vars(t) for t in m.inputs], "outputs": [vars(t) for t in m.outputs],
+        "providers": pipeline.predictor.providers, "metrics": m.metrics,
+        "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
+                   "max_description_chars": settings.max_description_chars,
+                   "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes,
+                   "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue},
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"example": "classifier_http_requests_total{...} 1.0"}}}})
+async def prom(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,296 @@
+"""Open Inference Protocol (KServe V2 REST): an adapter over the same pipeline as ``/classify``.
+
+Inputs: ``image`` (BYTES, shape [N]: encoded image files; base64 strings when sent as JSON
+data) and ``description`` (BYTES, [N]; optional). Outputs: ``label`` (BYTES), ``probabilities``
+(FP32, [N, C]) and ``text_attention`` (FP32, [N, L], zero past each caption's tokens).
+Supports the binary tensor data extension (``Inference-Header-Content-Length``,
+``binary_data_size``, ``binary_data`` / ``binary_data_output``), which ``tritonclient[http]``
+uses by default. Errors are the protocol's ``{"error": message}`` (with our ``code`` beside it).
+
+The request header is validated with strict pydantic models (the protocol's JSON schema as
+reference) before anything is allocated: a number where text belongs, a non-integer shape, a
+non-finite float or JSON nested deeper than the models allow is a 400, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .. import __version__
+from ..deps import PipelineDep
+from ..errors import BadRequest, ServiceError, describe_validation_errors, truncate
+from ..pipeline import Pipeline, Row, RowError
+from ..predictor import Prediction
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
+PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
+MAX_TENSORS = 16  # inputs or outputs named in one request
+MAX_ELEMENTS = 4096  # JSON data elements per tensor, before the pipeline's own row limit
+
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Scalar = StrictBool | StrictInt | FiniteFloat | Annotated[StrictStr, Field(max_length=1024)]
+Parameters = Annotated[dict[Annotated[StrictStr, Field(max_length=128)], Scalar], Field(max_length=32)]
+Text = Annotated[StrictStr, Field(max_length=64 * 1024 * 1024)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InferInput(_Strict):
+    name: Annotated[StrictStr, Field(max_length=128)]
+    shape: Annotated[list[Annotated[StrictInt, Field(ge=0, le=1 << 31)]], Field(max_length=8)]
+    datatype: Annotated[StrictStr, Field(max_length=16)]
+    parameters: Parameters | None = None
+    # BYTES elements as JSON strings, flat or one level nested (row-major)
+    data: Annotated[list[Text | Annotated[list[Text], Field(max_length=MAX_ELEMENTS)]], Field(max_length=MAX_ELEMENTS)] | None = None
+
+
+class RequestedOutput(_Strict):
+    name: Annotated[StrictStr, Field(max_length=128)]
+    parameters: Parameters | None = None
+
+
+class InferRequest(_Strict):
+    id: Annotated[StrictStr, Field(max_length=256)] | None = None
+    parameters: Parameters | None = None
+    inputs: Annotated[list[InferInput], Field(min_length=1, max_length=MAX_TENSORS)]
+    outputs: Annotated[list[RequestedOutput], Field(max_length=MAX_TENSORS)] | None = None
+
+
+class V2ErrorBody(BaseModel):
+    error: str = Field(description="what went wrong")
+    code: str = Field(description="the service's error code (the same as on /classify)")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": V2ErrorBody, "description": "the protocol's error shape"} for s in statuses}
+
+
+def _bad(message: str) -> BadRequest:
+    return BadRequest(message, code="bad_request")
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """BYTES tensor in binary form: each element is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise _bad("malformed BYTES tensor data")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise _bad("malformed BYTES tensor data")
+        out.append(raw[pos : pos + n])
+        pos += n
+        if len(out) > MAX_ELEMENTS:
+            raise _bad(f"a BYTES tensor has more than {MAX_ELEMENTS} elements")
+    return out
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise _bad("Inference-Header-Content-Length must be an integer within the body's length")
+        n = int(header_length)
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        return InferRequest.model_validate_json(head), binary
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if any(e.get("type") == "json_invalid" for e in errors):
+            raise BadRequest("the inference request header is not valid JSON", code="invalid_json") from None
+        raise _bad(f"invalid inference request: {describe_validation_errors(errors)}") from None
+
+
+def _flatten(data: list[Any]) -> list[str]:
+    return [y for x in data for y in (x if isinstance(x, list) else [x])]
+
+
+def read_inputs(req: InferRequest, binary: bytes) -> dict[str, tuple[list[Any], bool]]:
+    """name -> (elements, came_as_binary), every input checked against its declared shape."""
+    tensors: dict[str, tuple[list[Any], bool]] = {}
+    offset = 0
+    for t in req.inputs:
+        if t.name not in ("image", "description"):
+            raise _bad(f"unexpected input '{truncate(t.name)}'; the model takes 'image' and 'description'")
+        if t.name in tensors:
+            raise _bad(f"input '{t.name}' appears twice")
+        if t.datatype != "BYTES":
+            raise _bad(f"input '{t.name}' must have datatype BYTES, not {truncate(t.datatype)}")
+        size = (t.parameters or {}).get("binary_data_size")
+        elements: list[Any]
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise _bad(f"input '{t.name}': binary_data_size must be a non-negative integer")
+            if t.data is not None:
+                raise _bad(f"input '{t.name}' has both data and binary_data_size")
+            if offset + size > len(binary):
+                raise _bad(f"input '{t.name}': the binary data is shorter than binary_data_size")
+            elements = deserialize_bytes(binary[offset : offset + size])
+            offset += size
+            tensors[t.name] = (elements, True)
+        else:
+            if t.data is None:
+                raise _bad(f"input '{t.name}' has no data")
+            elements = _flatten(t.data)
+            tensors[t.name] = (elements, False)
+        if math.prod(t.shape) != len(elements):
+            raise _bad(f"input '{t.name}': shape {t.shape} does not match its {len(elements)} elements")
+    if offset != len(binary):
+        raise _bad(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
+    if "image" not in tensors:
+        raise _bad("input 'image' is required")
+    return tensors
+
+
+def to_rows(tensors: dict[str, tuple[list[Any], bool]]) -> list[Row]:
+    images, images_binary = tensors["image"]
+    descriptions: list[Any] = tensors["description"][0] if "description" in tensors else [""] * len(images)
+    if len(descriptions) != len(images):
+        raise _bad("'description' must have as many elements as 'image'")
+    # JSON has no raw bytes: images sent as JSON data are base64 text, decoded by the pipeline
+    return [Row(img, desc, base64=not images_binary) for img, desc in zip(images, descriptions, strict=True)]
+
+
+def _check_model(pipeline: Pipeline, name: str, version: str | None) -> None:
+    m = pipeline.predictor.manifest
+    if m is None:
+        raise ServiceError("the model is not loaded yet", code="not_ready", headers={"Retry-After": "5"}, status=503)
+    if name != m.name or (version is not None and version != m.version):
+        raise ServiceError(f"unknown model '{truncate(name)}'" + (f" version '{truncate(version)}'" if version else ""),
+                           code="not_found", status=404)
+
+
+OUTPUT_NAMES = ("label", "probabilities", "text_attention")
+
+
+def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
+    """(output name, as binary) for each output to return; checked before any inference runs."""
+    default_binary = (req.parameters or {}).get("binary_data_output", False)
+    if type(default_binary) is not bool:
+        raise _bad("parameter binary_data_output must be a boolean")
+    if not req.outputs:
+        return [(k, default_binary) for k in OUTPUT_NAMES]
+    selection: list[tuple[str, bool]] = []
+    for o in req.outputs:
+        if o.name not in OUTPUT_NAMES:
+            raise _bad(f"unknown output '{truncate(o.name)}'; the model has {', '.join(OUTPUT_NAMES)}")
+        binary = (o.parameters or {}).get("binary_data", default_binary)
+        if type(binary) is not bool:
+            raise _bad(f"output '{o.name}': parameter binary_data must be a boolean")
+        selection.append((o.name, binary))
+    return selection
+
+
+def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], pipeline: Pipeline,
+           name: str) -> Response:
+    m = pipeline.predictor.manifest
+    assert m is not None
+    n = len(preds)
+    probs = np.stack([p.probabilities for p in preds]).astype(np.float32)
+    width = max(len(p.attention) for p in preds)
+    attn = np.zeros((n, width), np.float32)
+    for i, p in enumerate(preds):
+        attn[i, : len(p.attention)] = p.attention
+    labels = [m.labels[int(i)] for i in probs.argmax(1)]
+    tensors: dict[str, tuple[str, list[int], Any]] = {
+        "label": ("BYTES", [n], labels),
+        "probabilities": ("FP32", [n, len(m.labels)], probs),
+        "text_attention": ("FP32", [n, width], attn),
+    }
+    outputs, blobs = [], []
+    for out_name, binary in selection:
+        dtype, shape, value = tensors[out_name]
+        entry: dict[str, Any] = {"name": out_name, "datatype": dtype, "shape": shape}
+        if binary:
+            blob = serialize_bytes([x.encode() for x in value]) if dtype == "BYTES" else np.ascontiguousarray(value).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = list(value) if dtype == "BYTES" else value.reshape(-1).tolist()
+        outputs.append(entry)
+    head: dict[str, Any] = {"model_name": name, "model_version": m.version, "outputs": outputs}
+    if req.id is not None:
+        head["id"] = req.id
+    head_bytes = json.dumps(head).encode()
+    if not blobs:
+        return Response(head_bytes, media_type="application/json")
+    return Response(head_bytes + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head_bytes))})
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> Any:
+    return {"name": "image-text-classifier", "version": __version__, "extensions": PROTOCOL_EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def live() -> Any:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness", responses=_errors(503))
+async def ready(pipeline: PipelineDep) -> Any:
+    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+
+
+async def model_metadata(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
+    _check_model(pipeline, name, version)
+    m = pipeline.predictor.manifest
+    assert m is not None
+    return {
+        "name": m.name, "versions": [m.version], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                   {"name": "description", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]},
+                    {"name": "text_attention", "datatype": "FP32", "shape": [-1, -1]}],
+        "parameters": {"labels": m.labels, "image_size": m.image_size, "max_caption_tokens": m.max_len},
+    }
+
+
+async def model_ready(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
+    _check_model(pipeline, name, version)
+    return JSONResponse({"name": name, "ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+
+
+async def infer(request: Request, pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
+    _check_model(pipeline, name, version)
+    pipeline.require_ready()
+    pipeline.refuse_if_full()
+    body = await request.body()
+    header_length = request.headers.get("inference-header-content-length")
+    if len(body) > 64 * 1024:  # parsing megabytes of JSON stays off the event loop
+        req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)
+    else:
+        req, binary = parse_request(body, header_length)
+    rows = to_rows(read_inputs(req, binary))
+    selection = select_outputs(req)
+    answers = await pipeline.run(rows, request.state)
+    for i, a in enumerate(answers):
+        if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
+            raise a.exception(f"image[{i}]: ")
+    return render(req, selection, [a for a in answers if isinstance(a, Prediction)], pipeline, name)
+
+
+for _prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+    router.add_api_route(_prefix, model_metadata, methods=["GET"], summary="Model metadata", responses=_errors(404, 503))
+    router.add_api_route(_prefix + "/ready", model_ready, methods=["GET"], summary="Model readiness", responses=_errors(404, 503))
+    router.add_api_route(_prefix + "/infer", infer, methods=["POST"], summary="Inference (JSON or binary tensor data)",
+                         responses=_errors(400, 401, 404, 413, 422, 500, 503, 504))

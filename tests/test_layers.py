@@ -1,0 +1,68 @@
+"""The package layers: a torch-free, web-free core imported by both halves, which never import each other.
+
+    classifier_core   numpy, Pillow, tokenizers
+    model_training -> classifier_core (+ torch)          never service, never benchmarks
+    service        -> classifier_core (+ web, onnxruntime) never model_training, torch or benchmarks
+    benchmarks     -> service, classifier_core            not installed, not in the image
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+FORBIDDEN = {
+    "classifier_core": {"torch", "fastapi", "starlette", "uvicorn", "onnxruntime", "service", "model_training", "benchmarks"},
+    "model_training": {"service", "benchmarks", "fastapi", "starlette", "uvicorn"},
+    "service": {"model_training", "torch", "benchmarks"},
+}
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Top-level names of every module a file imports, at any depth (relative imports resolved)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(package if node.level else (node.module or "").split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_package_imports_a_layer_it_must_not(package: str) -> None:
+    bad = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        hits = imported_modules(path, package) & FORBIDDEN[package]
+        if hits:
+            bad[str(path.relative_to(ROOT))] = sorted(hits)
+    assert not bad, f"layer violations: {bad}"
+
+
+def test_the_core_imports_without_torch_or_the_web_stack() -> None:
+    code = ("import sys, classifier_core.images, classifier_core.text, classifier_core.artifact\n"
+            "heavy = sorted(m for m in ('torch', 'fastapi', 'starlette', 'uvicorn', 'onnxruntime', 'service', 'model_training')"
+            " if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the core pulled in: {out.stdout.strip()}"
+
+
+def test_the_scanner_sees_a_violation(tmp_path: Path) -> None:
+    # the check itself can fail: a relative import inside a package and a plain import are both seen
+    f = tmp_path / "m.py"
+    f.write_text("from service.app import create_app\nfrom . import x\nimport torch.nn\n")
+    assert imported_modules(f, "model_training") == {"service", "model_training", "torch"}
+
+
+def test_benchmarks_ship_neither_in_the_package_nor_in_the_image() -> None:
+    assert not any((ROOT / "service").glob("bench*.py")) and not (ROOT / "service" / "soak.py").exists()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copies = [line for line in dockerfile.splitlines() if line.startswith("COPY ") and "--from" not in line]
+    assert any("classifier_core/" in c for c in copies) and any("service/" in c for c in copies)
+    assert not any(x in c for c in copies for x in ("benchmarks", "model_training", "tests", " . "))
