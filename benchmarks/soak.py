@@ -6,6 +6,7 @@ exits 1 on any 5xx or dropped connection, or when memory or descriptors keep gro
 
     python -m benchmarks.soak --minutes 10              # starts its own server on the default model
     python -m benchmarks.soak --minutes 1 --interval 10 # the CI variant
+    python -m benchmarks.soak --minutes 10 --attacks 2  # with attackers mixing hostile inputs in
     python -m benchmarks.soak --url http://host:8000 --pid 1234 --minutes 30
 """
 
@@ -18,6 +19,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -33,6 +35,13 @@ from service.settings import default_model_dir
 
 from .bench import CAPTIONS, Server, make_jpegs
 from .procstats import proc_stats
+
+
+def worker_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if not children.exists():
+        return []
+    return sorted(int(c) for c in children.read_text().split() if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
 
 
 def _inputs() -> dict[str, object]:
@@ -84,12 +93,66 @@ def _worker(url: str, headers: dict[str, str], stop: threading.Event, inputs: di
                     stats["latency"].append(elapsed)  # type: ignore[attr-defined]
 
 
+def _attack_inputs() -> dict[str, bytes]:
+    """Hostile inputs of each class (docs/reliability.md), generated: nothing committed."""
+    prog = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+        prog, format="JPEG", progressive=True)
+    data = prog.getvalue()
+    scan = data[data.rfind(b"\xff\xda"):-2]
+    png16 = io.BytesIO()
+    Image.fromarray(np.zeros((6300, 6300), np.uint16)).save(png16, format="PNG")
+    v2_number = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [10**9]}]}).encode()
+    nested = b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    return {"scans": data[:-2] + scan * 300 + b"\xff\xd9", "png16": png16.getvalue(), "v2_number": v2_number, "nested": nested}
+
+
+def _attacker(url: str, headers: dict[str, str], stop: threading.Event, lock: threading.Lock,
+              stats: dict[str, object], seed: int) -> None:
+    """One attack after another, each with the answer it must get (EXPECTED)."""
+    rng = random.Random(seed)
+    inputs = _attack_inputs()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+        while not stop.is_set():
+            kind = rng.choice(["scans", "png16", "v2_number", "nested", "huge_header", "slow_head", "hangup"])
+            status = -2  # no HTTP answer expected (the connection is the attack)
+            try:
+                if kind in ("scans", "png16"):
+                    status = c.post("/classify", files={"image": ("a", inputs[kind], "application/octet-stream")}).status_code
+                elif kind == "v2_number":
+                    status = c.post("/v2/models/image-text-classifier/infer", content=inputs[kind],
+                                    headers={"content-type": "application/json"}).status_code
+                elif kind == "nested":
+                    status = c.post("/classify/batch", content=inputs[kind], headers={"content-type": "application/json"}).status_code
+                else:
+                    with socket.create_connection((host, int(port)), timeout=30) as sock:
+                        if kind == "huge_header":
+                            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * 2_000_000 + b"\r\n\r\n")
+                            status = int(sock.recv(64).split(b" ")[1])
+                        elif kind == "slow_head":
+                            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+                            stop.wait(rng.uniform(0.5, 2))
+                        else:  # hang up mid-body
+                            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; "
+                                         b"boundary=b\r\nContent-Length: 9000\r\n\r\n--b\r\n")
+                            stop.wait(0.2)
+            except (httpx.HTTPError, OSError, IndexError, ValueError):
+                status = -1 if kind not in ("huge_header",) else -2  # the server may reset a refused huge head
+            with lock:
+                stats["status"][status] += 1  # type: ignore[index]
+                if status != -2 and status not in EXPECTED[kind]:
+                    stats["unexpected"][f"{kind}:{status}"] += 1  # type: ignore[index]
+
+
 # the status each kind of request must get; anything else fails the soak
 EXPECTED: dict[str, set[int]] = {"valid": {200}, "png": {200}, "batch": {200}, "garbage": {400}, "missing": {422},
-                                 "top_k": {422}, "health": {200}}
+                                 "top_k": {422}, "health": {200},
+                                 "scans": {422}, "png16": {200}, "v2_number": {400}, "nested": {400}, "huge_header": {431}}
 
 
-def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, api_key: str | None) -> int:
+def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, api_key: str | None,
+         attackers: int = 0) -> int:
     inputs = _inputs()
     lock = threading.Lock()
     stats: dict[str, object] = {"status": Counter(), "latency": [], "transport_errors": [], "unexpected": Counter()}
@@ -97,6 +160,9 @@ def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, 
     headers = {"X-API-Key": api_key} if api_key else {}
     threads = [threading.Thread(target=_worker, args=(url, headers, stop, inputs, lock, stats, i), daemon=True)
                for i in range(concurrency)]
+    threads += [threading.Thread(target=_attacker, args=(url, headers, stop, lock, stats, 1000 + i), daemon=True)
+                for i in range(attackers)]
+    workers_before = worker_pids(pid)
     for t in threads:
         t.start()
     samples: list[dict[str, Any]] = []
@@ -140,8 +206,10 @@ def soak(url: str, pid: int, minutes: float, interval: float, concurrency: int, 
             failed.append(f"resident memory keeps growing: +{rss_growth:.1f} MB")
         if fd_growth > 10:
             failed.append(f"open file descriptors keep growing: +{fd_growth:.0f}")
-    summary = {"minutes": minutes, "start": samples[0] if samples else None, "end": samples[-1] if samples else None,
-               "failed": failed}
+    if worker_pids(pid) != workers_before:
+        failed.append(f"worker processes changed: {workers_before} -> {worker_pids(pid)} (a worker died or was replaced)")
+    summary = {"minutes": minutes, "attackers": attackers, "workers": workers_before,
+               "start": samples[0] if samples else None, "end": samples[-1] if samples else None, "failed": failed}
     print(json.dumps(summary, default=float))  # noqa: T201
     return 1 if failed else 0
 
@@ -156,12 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, default=None, help="its process id, for memory/fd/thread figures")
     ap.add_argument("--model-dir", default=str(default_model_dir()))
     ap.add_argument("--api-key", default=os.environ.get("CLASSIFIER_API_KEY"))
+    ap.add_argument("--attacks", type=int, default=0, metavar="N",
+                    help="also run N attacker threads mixing hostile inputs of every class into the traffic")
     a = ap.parse_args(argv)
     if a.url:
-        return soak(a.url, a.pid or os.getpid(), a.minutes, a.interval, a.concurrency, a.api_key)
+        return soak(a.url, a.pid or os.getpid(), a.minutes, a.interval, a.concurrency, a.api_key, a.attacks)
     server = Server("service", Path(a.model_dir))
     try:
-        return soak(server.url, server.proc.pid, a.minutes, a.interval, a.concurrency, a.api_key)
+        return soak(server.url, server.proc.pid, a.minutes, a.interval, a.concurrency, a.api_key, a.attacks)
     finally:
         server.stop()
 

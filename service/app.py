@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pipeline.start(load_model)
-        install_drain_on_sigterm(pipeline, settings.drain_delay_s)
+        install_drain_on_sigterm(pipeline, settings.drain_delay_s, settings.shutdown_grace_s)
         try:
             yield
         finally:

@@ -10,12 +10,13 @@ from .pipeline import Pipeline
 from .settings import Settings
 
 
-def get_pipeline(request: Request) -> Pipeline:
+# async: FastAPI runs plain ``def`` dependencies in a thread pool, a thread hop per request
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline = request.app.state.pipeline
     return pipeline
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

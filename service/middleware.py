@@ -20,6 +20,7 @@ from typing import Any
 
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
+from starlette.requests import ClientDisconnect
 
 from .errors import ServiceError, error_body, error_payload
 from .metrics import Metrics
@@ -53,6 +54,7 @@ class RequestContextMiddleware:
         self.pipeline = pipeline
         self.settings = settings
         self.metrics = metrics
+        self.inflight_body_bytes = 0  # bodies being received on this worker (touched on the event loop only)
         key = settings.api_key.get_secret_value() if settings.api_key else None
         # digests have equal length, so compare_digest's time does not depend on the key's length
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
@@ -84,6 +86,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
         except BodyAborted:
             raise
+        except ClientDisconnect:
+            # the client hung up before its body arrived: nothing to answer, and not a server error
+            if not status["started"]:
+                status["status"] = 499
         except Exception as exc:
             # answered here, inside the request-id scope; the traceback goes to the log only
             log.error("unhandled error (request_id=%s): %s", request_id, type(exc).__name__, exc_info=exc)
@@ -166,13 +172,23 @@ class RequestContextMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 await reply(413, "payload_too_large", f"the request body is {int(declared)} bytes; the limit is {limit}")
                 return
+            # memory for bodies in flight is bounded: a declared length is reserved before anything
+            # is read; a chunked body is counted as it arrives
+            budget = self.settings.max_inflight_body_bytes
+            reserved = int(declared) if declared is not None and declared.isdigit() else 0
+            if reserved and self.inflight_body_bytes + reserved > budget:
+                await reply(503, "overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
+                            f"{reserved} more would pass the limit of {budget}", [(b"retry-after", b"1"), (b"connection", b"close")])
+                return
+            self.inflight_body_bytes += reserved
+            held = reserved
             received = 0
             deadline = start + self.settings.body_timeout_s
 
             async def receive_guarded() -> Message:
                 # the body is counted as it streams (refused past the limit, never buffered whole)
                 # and must arrive within body_timeout_s, so a slow sender cannot hold a request open
-                nonlocal received
+                nonlocal received, held
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
                 except TimeoutError:
@@ -184,14 +200,24 @@ class RequestContextMiddleware:
                     if received > limit:
                         status_holder["abort"] = BodyAborted(413, "payload_too_large", f"the request body exceeds {limit} bytes")
                         raise status_holder["abort"]
+                    if received > held:  # past its reservation (a chunked body): count the rest now
+                        self.inflight_body_bytes += received - held
+                        held = received
+                        if self.inflight_body_bytes > budget:
+                            status_holder["abort"] = BodyAborted(503, "overloaded", "request bodies in progress hold more "
+                                                                 f"than the limit of {budget} bytes")
+                            raise status_holder["abort"]
                 return message
 
             try:
                 await self._call_app(scope, receive_guarded, send_wrapped, reply, status_holder, request_id)
             except BodyAborted as exc:
                 if not status_holder["started"]:
-                    await reply(exc.status, exc.code, exc.message, [(b"connection", b"close")])
+                    extra = [(b"connection", b"close")] + ([(b"retry-after", b"1")] if exc.status == 503 else [])
+                    await reply(exc.status, exc.code, exc.message, extra)
                 return
+            finally:
+                self.inflight_body_bytes -= held
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else path)

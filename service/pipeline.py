@@ -24,7 +24,9 @@ import base64
 import binascii
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from classifier_core.images import ImageError, load_image
+from classifier_core.images import ImageError, is_progressive_jpeg, load_image
 from classifier_core.text import EncodedText
 
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
@@ -121,12 +123,16 @@ class Pipeline:
         self.metrics = metrics
         self.draining = False  # set on SIGTERM: readiness answers 503 from then on
         cores = os.cpu_count() or 1
-        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads or cores)
+        self.decode_threads = settings.decode_threads or cores
+        # a plain executor: cheaper per row than anyio's thread hop, and its size bounds the decodes
+        self.decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         inline = settings.inline_decode_bytes
         if inline < 0:  # auto: see Settings.inline_decode_bytes
             inline = 128 * 1024 if cores <= (settings.workers or cores) else 0
         self.inline_decode_bytes = inline
         self.admission = Admission(settings.max_queue)
+        self.overrunning = 0  # decode threads past their time budget, still running
+        self._overrun_lock = threading.Lock()
         # one onnxruntime call at a time: each already uses intra_op_threads cores
         self.batcher = Batcher(self._infer, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                                settings.max_queue, settings.request_timeout_ms / 1000)
@@ -142,6 +148,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     # --- request-level checks --------------------------------------------------------
     @property
@@ -256,9 +263,53 @@ class Pipeline:
         return Prepared(image, encoded)
 
     async def _prepare(self, row: Row, description: str) -> Prepared:
-        if not row.base64 and len(row.image) <= self.inline_decode_bytes and row.image[:2] == b"\xff\xd8":
-            return self._prepare_sync(row, description)  # a small JPEG: cheaper than a thread hop
-        return await anyio.to_thread.run_sync(self._prepare_sync, row, description, limiter=self.decode_limiter)
+        image = row.image
+        if (not row.base64 and isinstance(image, bytes) and len(image) <= self.inline_decode_bytes
+                and image[:2] == b"\xff\xd8" and not is_progressive_jpeg(image)):
+            return self._prepare_sync(row, description)  # a small baseline JPEG: cheaper than a thread hop
+        if self.overrunning >= self.decode_threads:
+            raise _RowFailed("overloaded", f"{self.overrunning} image decodes are past their time budget and still running")
+        # past the budget the row is answered at once; its thread runs on (Pillow cannot be
+        # interrupted) and holds its executor slot until it ends, so overruns cannot pile up
+        loop = asyncio.get_running_loop()
+        state = {"started": False, "done": False, "expired": False, "counted": False}
+
+        def work() -> Prepared | None:
+            with self._overrun_lock:
+                if state["expired"]:
+                    return None  # expired while queued: nobody waits for it
+                state["started"] = True
+            try:
+                return self._prepare_sync(row, description)
+            finally:
+                with self._overrun_lock:
+                    state["done"] = True
+                    if state["counted"]:
+                        self.overrunning -= 1
+
+        fut = loop.run_in_executor(self.decoder, work)
+
+        def expire() -> None:
+            with self._overrun_lock:
+                state["expired"] = True
+                if state["started"] and not state["done"]:
+                    state["counted"] = True
+                    self.overrunning += 1
+            fut.cancel()
+
+        budget = self.settings.decode_timeout_s
+        timer = loop.call_later(budget, expire)
+        try:
+            prepared = await fut
+            assert prepared is not None
+            return prepared
+        except asyncio.CancelledError:
+            if not state["expired"]:
+                raise  # the request itself was cancelled
+            log.warning("an image decode passed its budget of %.1f s (%d still running)", budget, self.overrunning)
+            raise _RowFailed("image_too_complex", f"decoding the image took longer than its budget of {budget:g} s") from None
+        finally:
+            timer.cancel()
 
     async def _submit(self, prepared: Prepared) -> Prediction:
         try:

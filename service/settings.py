@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = 0.0
     max_queue: int = 256  # rows waiting for inference; beyond it requests get 503 + Retry-After
     request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
+    max_header_bytes: int = 32 * 1024  # request line + headers; longer heads get 431 and the connection closes
+    header_timeout_s: float = 10.0  # a request head must arrive within this of its first byte (408, closed)
     body_timeout_s: float = 20.0  # the whole request body must arrive within this (slow senders get 408)
     drain_delay_s: float = 2.0  # after SIGTERM: /readyz answers 503 and requests are still served this long
     shutdown_grace_s: float = 30.0  # after SIGTERM: in-flight requests finish within this, then exit 0
@@ -45,6 +47,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log pipelines
     otel_exporter: Literal["otlp", "console"] | None = None  # OpenTelemetry tracing; off unless set
     decode_threads: int = 0  # concurrent image decodes; 0 = one per core
+    # one image's decode + tokenize must finish within this, or the row gets 422 image_too_complex.
+    # Pillow cannot be interrupted: the thread runs on (bounded by the pixel and JPEG-scan limits),
+    # and while decode_threads such overruns are still running, new rows get 503 at once
+    decode_timeout_s: float = 5.0
+    # request bodies being received at once, summed over a worker's connections; past it, new
+    # bodies get 503 + Retry-After (declared lengths are reserved up front, chunked ones as they arrive)
+    max_inflight_body_bytes: int = 256 * 1024 * 1024
     # JPEGs up to this size are decoded on the event loop, skipping the thread hand-off (about
     # 0.1 ms of the GIL per request; +4 % requests/s at concurrency 32 on 2 cores) at the price of
     # blocking the loop for the decode: about 1 ms for a 640x480 photo; pixels per byte peak for
