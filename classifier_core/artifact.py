@@ -91,6 +91,17 @@ class Manifest:
 
         return asdict(self)
 
+    def describe_training_data(self) -> str:
+        """One honest line on what the model learned from, for people who are about to try it."""
+        dataset = self.data.get("dataset") or {}
+        n = self.data.get("n") or {}
+        total = sum(int(v) for v in n.values()) if n else None
+        if dataset.get("name") == "builtin-synthetic":
+            return (f"Trained on {total or 'about 12,000'} synthetic drawings of {len(self.labels)} objects with captions "
+                    "(the built-in dataset), not on photographs: expect confident nonsense on real photos.")
+        sources = ", ".join(str(s) for s in self.data.get("sources", [])) or "unrecorded data"
+        return f"Trained on {total} image-caption pairs from {sources}." if total else f"Trained on {sources}."
+
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 

@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .pipeline import Pipeline
 from .predictor import Predictor
-from .routes import classify, health, v2
+from .routes import classify, health, pages, v2
 from .schemas import BatchRequest
 from .settings import Settings
 
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             await pipeline.stop()
             metrics.close()
 
-    app = FastAPI(title="Image + text classifier", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Image + text classifier", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Classifies an image together with its description (Kim & Lee 2023 fused model), on ONNX Runtime.")
     app.state.settings, app.state.pipeline, app.state.metrics = settings, pipeline, metrics
     install_error_handlers(app)
@@ -51,8 +51,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics, pipeline=pipeline)
-    for module in (classify, health, v2):
+    for module in (classify, health, v2, pages):
         app.include_router(module.router)
+    pages.mount_static(app)
     app.openapi = lambda: openapi_schema(app, pipeline)  # type: ignore[method-assign]
     return app
 

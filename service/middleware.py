@@ -36,7 +36,10 @@ Message = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# open without the API key: probes, metrics, and what a browser needs to show the demo page and docs
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
+                        "/", "/docs", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/static/", "/docs-assets/")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and a description
 
 
@@ -155,7 +158,8 @@ class RequestContextMiddleware:
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
-            if self._key_digest is not None and path not in OPEN_PATHS and not self._key_ok(headers):
+            if (self._key_digest is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
+                    and not self._key_ok(headers)):
                 await reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
                             [(b"www-authenticate", b"Bearer")])
                 return
@@ -184,13 +188,16 @@ class RequestContextMiddleware:
             held = reserved
             received = 0
             deadline = start + self.settings.body_timeout_s
+            loop_deadline = asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
 
             async def receive_guarded() -> Message:
                 # the body is counted as it streams (refused past the limit, never buffered whole)
                 # and must arrive within body_timeout_s, so a slow sender cannot hold a request open
                 nonlocal received, held
                 try:
-                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+                    # asyncio.timeout_at, not wait_for: no task per body chunk (a 10 MB upload is ~160 chunks)
+                    async with asyncio.timeout_at(loop_deadline):
+                        message = await receive()
                 except TimeoutError:
                     status_holder["abort"] = BodyAborted(408, "request_timeout",
                                                          f"the request body did not arrive within {self.settings.body_timeout_s:g} s")

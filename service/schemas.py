@@ -100,6 +100,7 @@ class ModelInfo(BaseModel):
     outputs: list[dict[str, Any]]
     providers: list[str]
     metrics: dict[str, Any]
+    trained_on: str = Field(description="one line on the data the model learned from (from its manifest)")
     limits: dict[str, int]
 
 

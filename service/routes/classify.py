@@ -110,6 +110,8 @@ async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, exp
     pipeline.require_ready()
     pipeline.check_top_k(top_k)
     pipeline.refuse_if_full()
+    await request.body()  # waiting for the network holds nothing; the form is parsed from these bytes
+    pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
     row = await read_form_row(request)
     [answer] = await pipeline.run([row], request.state)
     if isinstance(answer, RowError):
@@ -139,6 +141,7 @@ async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 
     pipeline.check_top_k(top_k)
     pipeline.refuse_if_full()
     body = await request.body()
+    pipeline.refuse_if_full()
     # JSON parsing and validation of a body of many megabytes stay off the event loop
     payload = await anyio.to_thread.run_sync(parse_batch, body)
     pipeline.check_row_count(len(payload.items), "the batch")

@@ -46,7 +46,7 @@ async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
         "name": m.name, "version": m.version, "mode": m.mode, "labels": m.labels, "image_size": m.image_size,
         "max_caption_tokens": m.max_len,
         "inputs": [vars(t) for t in m.inputs], "outputs": [vars(t) for t in m.outputs],
-        "providers": pipeline.predictor.providers, "metrics": m.metrics,
+        "providers": pipeline.predictor.providers, "metrics": m.metrics, "trained_on": m.describe_training_data(),
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
                    "max_description_chars": settings.max_description_chars,
                    "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes,

@@ -275,6 +275,7 @@ async def infer(request: Request, pipeline: PipelineDep, name: str, version: str
     pipeline.require_ready()
     pipeline.refuse_if_full()
     body = await request.body()
+    pipeline.refuse_if_full()
     header_length = request.headers.get("inference-header-content-length")
     if len(body) > 64 * 1024:  # parsing megabytes of JSON stays off the event loop
         req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)

@@ -1,0 +1,44 @@
+"""What a person opens in a browser: the demo page at ``/`` and the API docs, all served from here.
+
+Swagger UI and ReDoc load their scripts from the ``fastapi-offline`` package's files, not from
+a CDN, so the docs work on machines and networks without internet access.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+
+router = APIRouter(include_in_schema=False)
+
+
+def mount_static(app: object) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # type: ignore[attr-defined]
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")  # type: ignore[attr-defined]
+
+
+@router.get("/")
+async def demo() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - API docs",
+                               swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
+                               swagger_favicon_url="/docs-assets/favicon.png")
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc",
+                          redoc_js_url="/docs-assets/redoc.standalone.js", redoc_favicon_url="/docs-assets/favicon.png",
+                          with_google_fonts=False)
