@@ -97,7 +97,8 @@ class Manifest:
         n = self.data.get("n") or {}
         total = sum(int(v) for v in n.values()) if n else None
         if dataset.get("name") == "builtin-synthetic":
-            return (f"Trained on {f'{total:,}' if total else 'about 12,000'} synthetic drawings of {len(self.labels)} objects with captions "
+            count = f"{total:,}" if total else "about 12,000"
+            return (f"Trained on {count} synthetic drawings of {len(self.labels)} objects with captions "
                     "(the built-in dataset), not on photographs: expect confident nonsense on real photos.")
         sources = ", ".join(str(s) for s in self.data.get("sources", [])) or "unrecorded data"
         return f"Trained on {total:,} image-caption pairs from {sources}." if total else f"Trained on {sources}."

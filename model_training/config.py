@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+PRESET_HELP = {
+    "default": "the paper's model and optimiser, 30 epochs with early stopping (about 5 min on 2 CPU cores, built-in data)",
+    "paper": "the paper's schedule: 100 epochs, no early stop",
+    "smoke": "one epoch of a tiny model: checks that data and code run, nothing more",
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},  # about 5 minutes on 2 CPU cores on the built-in dataset
     "paper": {"epochs": 100, "patience": 100},  # the paper's schedule, no early stop
@@ -78,17 +85,40 @@ def _flag_type(f: dataclasses.Field[Any]) -> Any:
     return str
 
 
+def _comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field of a config dataclass: the flags' help text."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)  # as the flag takes it: comma separated
+    return str(value)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (model fields under 'model:')")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named set of overrides")
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (model fields under 'model:'); "
+                                          "flags override it, and it overrides the preset")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="named set of overrides (default: default): "
+                             + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bars (they are off anyway when stderr is not a terminal)")
+    notes = {**_comments(ModelConfig), **_comments(TrainConfig)}
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":
+        if f.name in ("model", "progress"):
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(f), default=None,
-                            help=f"(default: {_default_of(f)})")
+                            metavar=f.name.upper(), help=f"{notes.get(f.name, '')} (default: {_shown(_default_of(f))})".lstrip())
+    model_notes = _comments(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
-        parser.add_argument(f"--model.{f.name.replace('_', '-')}", dest=f"model.{f.name}", type=_flag_type(f),
-                            default=None, help=f"(default: {_default_of(f)})")
+        parser.add_argument(f"--model.{f.name.replace('_', '-')}", dest=f"model.{f.name}", type=_flag_type(f), default=None,
+                            metavar=f.name.upper(), help=f"{model_notes.get(f.name, '')} (default: {_shown(_default_of(f))})".lstrip())
 
 
 def _default_of(f: dataclasses.Field[Any]) -> Any:

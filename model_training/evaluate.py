@@ -116,17 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model_training evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="a checkpoint (.pt) or an exported model folder")
-    p.add_argument("--data", default=DEFAULT_DATA, help="shards, shard folders or manifests, comma separated")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"shards, shard folders or manifests, comma separated (default: {DEFAULT_DATA})")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="(default: test)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model was trained with)")
-    p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png")
+    p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png "
+                   "(default: runs/eval/<the model's folder name>; never inside an exported model)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
-    out = Path(a.out) if a.out else (Path(a.target) if Path(a.target).is_dir() else Path(a.target).parent) / "eval"
+    target = Path(a.target)
+    out = Path(a.out) if a.out else Path("runs") / "eval" / (target.name if target.is_dir() else target.parent.name)
     report = evaluate(a.target, a.data.split(","), a.split, a.seed, out)
     if a.json:
         print(json.dumps(report, indent=2))  # noqa: T201

@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model_training export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="best.pt of a training run")
-    p.add_argument("--out", default="exported_models/custom", help="artifact folder (replaced if it exists)")
-    p.add_argument("--name", default="image-text-classifier")
+    p.add_argument("--out", default="exported_models/custom",
+                   help="artifact folder, replaced if it exists (default: exported_models/custom)")
+    p.add_argument("--name", default=None, help="the model's name, as clients and /v2/models/<name> see it "
+                   "(default: the --out folder's name)")
     p.add_argument("--version", default=None, help="(default: today's date)")
     p.add_argument("--data", default=None, help="data sources, comma separated (default: the training run's)")
     p.add_argument("--ablation", default=None, help="ablation.json from 'ablate', recorded in the manifest")
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
     ablation = json.loads(Path(a.ablation).read_text())["test_metrics"] if a.ablation else None
-    manifest = export_artifact(a.checkpoint, a.out, a.name, a.version, a.data.split(",") if a.data else None, ablation)
+    name = a.name or Path(a.out).resolve().name
+    manifest = export_artifact(a.checkpoint, a.out, name, a.version, a.data.split(",") if a.data else None, ablation)
     print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {json.dumps(manifest['metrics'])}")  # noqa: T201
     return manifest

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,13 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
         log_path.write_text("")
     t0 = time.time()
     epoch = 0
+    show_bars = cfg.progress and dd.main and sys.stderr.isatty()  # no bars in log files
     for epoch in range(1, cfg.epochs + 1):
         trained.train()
         order = dd.shard(rng.permutation(len(tr.targets)))  # same permutation on every rank
         total, correct, loss_sum = 0, 0, 0.0
         bar = tqdm(iterate(tr, cfg.batch_size, order), total=-(-len(order) // cfg.batch_size),
-                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and dd.main), leave=False)
+                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not show_bars, leave=False)
         for img, ids, y in bar:
             img, ids, y = img.to(dd.device), ids.to(dd.device), y.to(dd.device)
             logits, _ = trained(img, ids)

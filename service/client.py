@@ -1,7 +1,7 @@
 """A small typed client for backend callers (httpx), sync and async.
 
     with ClassifierClient("http://localhost:8000") as c:
-        result = c.classify(open("cat.jpg", "rb").read(), "a cat on a sofa")
+        result = c.classify(open("tomato.png", "rb").read(), "a cherry tomato on the table")
         print(result.label, result.confidence)
 """
 

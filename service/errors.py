@@ -66,35 +66,36 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
-# error code -> (status, example message): drives the OpenAPI examples too
+# error code -> (status, example message): the OpenAPI examples. Each example is a real answer
+# (tests/service/test_contract.py triggers every code it can and compares, numbers aside).
 ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
-    "invalid_image": (400, "the image could not be decoded: OSError"),
-    "unsupported_image_format": (400, "image format SVG is not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"),
-    "bad_base64": (400, "items[0].image_base64 is not valid base64"),
-    "bad_request": (400, "the request body is not valid multipart/form-data"),
+    "invalid_image": (400, "the file is not a recognised image"),
+    "unsupported_image_format": (400, "image format PPM is not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"),
+    "bad_base64": (400, "items[0]: the image is not valid base64"),
+    "bad_request": (400, "the request body is not valid multipart/form-data: Missing boundary in multipart."),
     "invalid_json": (400, "the request body is not valid JSON"),
     "invalid_description": (400, "the description is not valid Unicode text (a lone surrogate)"),
     "unauthorized": (401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)"),
     "not_found": (404, "no route GET /nope"),
-    "request_timeout": (408, "the request body did not arrive within 20 s"),
-    "header_too_large": (431, "the request head exceeds 32768 bytes"),
     "method_not_allowed": (405, "method GET not allowed on /classify"),
-    "payload_too_large": (413, "the request body exceeds 10485760 bytes"),
+    "request_timeout": (408, "the request body did not arrive within 20 s"),
+    "payload_too_large": (413, "the request body is 10559489 bytes; the limit is 10559488"),
     "image_too_large": (413, "the image is 30000x30000 = 900000000 pixels; the limit is 40000000"),
     "unsupported_media_type": (415, "POST /classify takes multipart/form-data, not application/json"),
-    "image_too_complex": (422, "decoding the image took longer than its budget of 5 s"),
     "missing_field": (422, "the 'image' file field is required"),
-    "invalid_field": (422, "'image' must be a file part, not a text field"),
-    "client_closed_request": (499, "the client closed the connection before the request body arrived"),
-    "unknown_field": (422, "unknown form field(s): colour"),
+    "invalid_field": (422, "'image' must be a file part (with a filename), not a text field"),
+    "unknown_field": (422, "unknown form field(s): colour; send 'image' and 'description'"),
     "description_too_long": (422, "the description has 5000 characters; the limit is 2000"),
+    "image_too_complex": (422, "the JPEG has 300 scans; real encoders write at most a few dozen (the limit is 64)"),
+    "too_many_items": (422, "the batch has 65 rows; the limit is 64"),
     "validation_error": (422, "query.top_k: Input should be greater than or equal to 1"),
-    "too_many_items": (422, "the batch has 65 items; the limit is 64"),
-    "not_ready": (503, "the model is not loaded yet"),
-    "overloaded": (503, "256 requests are queued; the limit is 256 (retry after Retry-After seconds)"),
-    "timeout": (504, "the request waited 10012 ms in the queue"),
-    "inference_failed": (500, "inference failed for this request's batch"),
+    "header_too_large": (431, "the request head exceeds 32768 bytes"),
+    "client_closed_request": (499, "the client closed the connection before its body arrived (logged, never sent)"),
+    "inference_failed": (500, "inference failed for this row"),
     "internal_error": (500, "internal error; see the service log with this request id"),
+    "not_ready": (503, "the model is not ready (state: loading)"),
+    "overloaded": (503, "256 rows are in progress; the limit is 256"),
+    "timeout": (504, "the request waited 10012 ms in the queue"),
 }
 
 

@@ -1,0 +1,146 @@
+"""The documented contract against real answers: every error example in /openapi.json is one the service gives."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from helpers import jpeg_bytes
+from PIL import Image
+
+from service.app import create_app
+from service.errors import ERROR_CATALOGUE
+from service.settings import Settings
+
+# codes this module cannot provoke in-process; each is provoked for real elsewhere (or cannot be sent)
+ELSEWHERE = {
+    "request_timeout": "tests/service/test_lifecycle.py (slow body), test_attacks.py (trickled head)",
+    "header_too_large": "tests/service/test_attacks.py (an 8 MB header on a real server)",
+    "client_closed_request": "logged, never sent: tests/service/test_attacks.py",
+    "overloaded": "tests/service/test_attacks.py, test_lifecycle.py",
+    "timeout": "tests/service/test_batching.py (QueueTimeout)",
+    "internal_error": "a bug: tests/service/test_request_pipeline.py keeps it to its row",
+    "invalid_description": "JSON parsers refuse lone surrogates first (invalid_json); the pipeline's own check stays",
+}
+
+
+def _encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _many_scans() -> bytes:
+    data = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG",
+                   progressive=True)
+    scan = data[data.rfind(b"\xff\xda"):-2]
+    return data[:-2] + scan * 300 + b"\xff\xd9"
+
+
+def shape(message: str) -> str:
+    """A message with its numbers blanked: examples and answers must agree on everything else."""
+    return re.sub(r"\d+", "#", message)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu")), raise_server_exceptions=False) as c:  # type: ignore[call-arg]
+        yield c
+
+
+def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple[int, str, str]]]:
+    jpg = jpeg_bytes()
+
+    def post(image: bytes | None = None, description: str = "x", params: dict[str, Any] | None = None,
+             files: dict[str, Any] | None = None) -> tuple[int, str, str]:
+        r = c.post("/classify", params=params or {}, files=files or {"image": ("x", image or jpg, "image/jpeg")},
+                   data={"description": description} if files is None else None)
+        return answer(r)
+
+    def answer(r: httpx.Response) -> tuple[int, str, str]:
+        e = r.json()["error"]
+        return r.status_code, e["code"], e["message"]
+
+    def batch_item(items: list[dict[str, str]]) -> tuple[int, str, str]:
+        r = c.post("/classify/batch", json={"items": items})
+        if r.status_code != 200:
+            return answer(r)
+        e = r.json()["results"][0]["error"]
+        return 400, e["code"], e["message"]
+
+    def not_ready() -> tuple[int, str, str]:
+        with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu"), load_model=False)) as cold:  # type: ignore[call-arg]
+            cold.app.state.pipeline.predictor.state = "loading"  # type: ignore[attr-defined]
+            return answer(cold.post("/classify", files={"image": ("x", jpg, "image/jpeg")}))
+
+    def unauthorized() -> tuple[int, str, str]:
+        with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu", api_key="k"))) as locked:  # type: ignore[call-arg]
+            return answer(locked.get("/model"))
+
+    def inference_failed() -> tuple[int, str, str]:
+        predictor = c.app.state.pipeline.predictor  # type: ignore[attr-defined]
+
+        class Broken:
+            def run(self, *a: object) -> None:
+                raise RuntimeError("device fault")
+
+        real, predictor.session = predictor.session, Broken()
+        try:
+            return post()
+        finally:
+            predictor.session = real
+
+    return {
+        "invalid_image": lambda: post(b"just some text, no image" * 5),
+        "unsupported_image_format": lambda: post(_encode(Image.new("RGB", (8, 8)), "PPM")),
+        "bad_base64": lambda: batch_item([{"image_base64": "!!!not base64"}]),
+        "bad_request": lambda: answer(c.post("/classify", content=b"x", headers={"content-type": "multipart/form-data"})),
+        "invalid_json": lambda: answer(c.post("/classify/batch", content=b"[", headers={"content-type": "application/json"})),
+        "unauthorized": unauthorized,
+        "not_found": lambda: answer(c.get("/nope")),
+        "method_not_allowed": lambda: answer(c.get("/classify")),
+        "payload_too_large": lambda: post(b"\xff" * (10_560_000)),
+        "image_too_large": lambda: post(_encode(Image.new("1", (30000, 30000)), "PNG")),
+        "unsupported_media_type": lambda: answer(c.post("/classify", json={})),
+        "missing_field": lambda: post(files={"description": (None, "a tomato")}),
+        "invalid_field": lambda: post(files={"image": (None, "some text")}),
+        "unknown_field": lambda: post(files={"image": ("x", jpg, "image/jpeg"), "colour": (None, "red")}),
+        "description_too_long": lambda: post(description="a" * 5000),
+        "image_too_complex": lambda: post(_many_scans()),
+        "too_many_items": lambda: batch_item([{"image_base64": base64.b64encode(jpg).decode()}] * 65),
+        "validation_error": lambda: post(params={"top_k": 0}),
+        "not_ready": not_ready,
+        "inference_failed": inference_failed,
+    }
+
+
+def test_every_error_code_is_documented_as_the_service_answers_it(client: TestClient, tiny_artifact: Path) -> None:
+    actions = triggers(client, tiny_artifact)
+    assert set(actions) | set(ELSEWHERE) == set(ERROR_CATALOGUE)
+    for code, provoke in actions.items():
+        status, got_code, message = provoke()
+        want_status, example = ERROR_CATALOGUE[code]
+        assert (status, got_code) == (want_status, code), (code, status, got_code, message)
+        assert shape(message) == shape(example), f"{code}: example {example!r}, real answer {message!r}"
+
+
+def test_openapi_shows_the_catalogue_and_the_v2_error_shape(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            for status, resp in op.get("responses", {}).items():
+                for name, ex in resp.get("content", {}).get("application/json", {}).get("examples", {}).items():
+                    err = ex["value"]["error"]
+                    assert ERROR_CATALOGUE[err["code"]] == (int(status), err["message"]), (path, status, name)
+    v2 = spec["paths"]["/v2/models/{name}/infer"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+    assert v2["$ref"].endswith("/V2ErrorBody")
+    assert set(spec["components"]["schemas"]["V2ErrorBody"]["properties"]) == {"error", "code"}
+    assert "HTTPValidationError" not in str(spec["paths"]["/v2/models/{name}/infer"])
