@@ -22,7 +22,8 @@ from .model import FusedClassifier, ModelConfig, build_model
 
 
 def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text: TextEncoder, cfg: TrainConfig,
-                    extra: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
+                    extra: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+                    rng: torch.Tensor | None = None) -> None:
     state: dict[str, Any] = {
         "model_config": model.cfg.to_dict(),
         "state_dict": model.state_dict(),
@@ -34,6 +35,8 @@ def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text:
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
+    if rng is not None:
+        state["torch_rng"] = rng
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

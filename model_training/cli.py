@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 import warnings
 
 COMMANDS = {
@@ -29,5 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     # the TorchScript exporter is chosen on purpose (see export.py); its deprecation notice is noise here
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     module = importlib.import_module(COMMANDS[ns.command][0])
-    module.main(ns.args)
+    from .data import DataError
+
+    try:
+        module.main(ns.args)
+    except DataError as exc:  # a mistake in the data: one line, no traceback
+        print(f"python -m model_training {ns.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     return 0

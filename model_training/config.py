@@ -26,6 +26,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=lambda: [DEFAULT_DATA])  # shards, shard folders or manifests
     label_key: str = "label"  # key of the label in each sample's .json (WebDataset)
     label_map: str | None = None  # JSON {sample key: label}; overrides label_key
+    group_key: str | None = None  # metadata field or manifest column (a source id, a URL): a group stays in one split
     out_dir: str = "runs/fused"  # run folder: checkpoints, logs, resolved config
     seed: int = 0  # split, init and shuffling
     epochs: int = 30  # the paper trains 100; early stopping ends most runs well before
@@ -41,6 +42,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores (divided among ranks under torchrun)
     device: str = "auto"  # auto (CUDA if available) | cuda | cpu
     progress: bool = True  # tqdm bars
+    resume: str | None = None  # a run folder: continue from its last.pt (model, optimizer, epoch, generators)
     model: ModelConfig = field(default_factory=ModelConfig)
 
 

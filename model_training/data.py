@@ -28,12 +28,17 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TRAIN_MAX_PIXELS = 100_000_000  # a training sample bigger than this is skipped, not decoded
 
 
+class DataError(ValueError):
+    """A mistake in the data or how it was named: training stops with this one line."""
+
+
 @dataclass
 class Sample:
     key: str
     image: bytes
     caption: str
     label: str
+    group: str | None = None  # --group-key: samples of one group share a split
 
 
 @dataclass
@@ -73,6 +78,7 @@ def read_webdataset(
     report: SkipReport,
     label_key: str = "label",
     label_map: dict[str, str] | None = None,
+    group_key: str | None = None,
 ) -> Iterator[Sample]:
     """Read img2dataset shards: ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json`` per sample.
 
@@ -105,30 +111,37 @@ def read_webdataset(
             if "txt" not in parts:
                 report.skip("no caption (.txt)", f"{shard}:{key}")
                 continue
-            label: str | None
-            if label_map is not None:
-                label = label_map.get(key)
-            else:
-                try:
-                    meta = json.loads(parts.get("json", b"{}"))
-                    label = meta.get(label_key) if isinstance(meta, dict) else None
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    report.skip("bad .json metadata", f"{shard}:{key}")
-                    continue
+            try:
+                meta = json.loads(parts.get("json", b"{}"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                report.skip("bad .json metadata", f"{shard}:{key}")
+                continue
+            meta = meta if isinstance(meta, dict) else {}
+            status = meta.get("status")
+            if status is not None and status != "success":  # img2dataset keeps failed downloads' metadata
+                report.skip(f"img2dataset status {status}", f"{shard}:{key}")
+                continue
+            label = label_map.get(key) if label_map is not None else meta.get(label_key)
             if label is None or str(label) == "":
                 report.skip("no label", f"{shard}:{key}")
                 continue
             caption = parts["txt"].decode("utf-8", errors="replace").strip()
-            yield Sample(key, parts[img_ext], caption, str(label))
+            group = meta.get(group_key) if group_key else None
+            yield Sample(key, parts[img_ext], caption, str(label), None if group is None else str(group))
 
 
-def read_manifest(path: str | Path, report: SkipReport) -> Iterator[Sample]:
-    """A CSV or JSONL manifest with ``image`` (relative to the manifest), ``caption``, ``label``."""
+def read_manifest(path: str | Path, report: SkipReport, group_key: str | None = None) -> Iterator[Sample]:
+    """A CSV or JSONL manifest with ``image`` (relative to the manifest), ``caption``, ``label``.
+
+    Column names are matched without regard to case, and a byte-order mark (Excel's "CSV UTF-8")
+    is ignored. A sample's key is its image path relative to the manifest, so ``a/000.jpg`` and
+    ``b/000.jpg`` are two samples.
+    """
     path = Path(path)
     rows: Iterable[dict[str, object]]
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         def _jsonl() -> Iterator[dict[str, object]]:
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -137,12 +150,17 @@ def read_manifest(path: str | Path, report: SkipReport) -> Iterator[Sample]:
                     report.skip("bad JSON line", f"{path}:{n}")
                     continue
                 if isinstance(row, dict):
-                    yield row
+                    yield {str(k).strip().lower(): v for k, v in row.items()}
                 else:
                     report.skip("bad JSON line", f"{path}:{n}")
         rows = _jsonl()
     else:
-        rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
+        reader = csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines())
+        reader.fieldnames = [str(f).strip().lower() for f in reader.fieldnames or []]
+        if "image" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise DataError(f"{path}: the header must name 'image' and 'label' columns (and 'caption'); "
+                            f"it has {', '.join(reader.fieldnames) or 'none'}")
+        rows = reader
     for n, row in enumerate(rows, 1):
         image, label = row.get("image"), row.get("label")
         caption = row.get("caption") or ""
@@ -155,20 +173,39 @@ def read_manifest(path: str | Path, report: SkipReport) -> Iterator[Sample]:
         except OSError:
             report.skip("image file missing", str(img_path))
             continue
-        yield Sample(img_path.stem, data, str(caption), str(label))
+        group = row.get(group_key) if group_key else None
+        key = Path(str(image)).as_posix()
+        yield Sample(key, data, str(caption), str(label), None if group in (None, "") else str(group))
+
+
+def check_sources(sources: Sequence[str | Path]) -> list[Path]:
+    """Every ``--data`` entry must exist: a mistyped one is an error, never silently left out."""
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise DataError("no --data given")
+    for p in paths:
+        if not p.exists():
+            raise DataError(f"--data {p}: no such file or folder")
+        if p.is_dir() and not any(p.glob("*.tar")):
+            raise DataError(f"--data {p}: a folder without .tar shards")
+    return paths
 
 
 def read_any(
-    sources: Sequence[str | Path], report: SkipReport, label_key: str = "label", label_map_path: str | None = None
+    sources: Sequence[str | Path], report: SkipReport, label_key: str = "label", label_map_path: str | None = None,
+    group_key: str | None = None,
 ) -> Iterator[Sample]:
     label_map = None
     if label_map_path:
-        label_map = {str(k): str(v) for k, v in json.loads(Path(label_map_path).read_text()).items()}
-    for src in map(Path, sources):
+        try:
+            label_map = {str(k): str(v) for k, v in json.loads(Path(label_map_path).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DataError(f"--label-map {label_map_path}: not a readable JSON object ({type(exc).__name__})") from None
+    for src in check_sources(sources):
         if src.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
-            yield from read_manifest(src, report)
+            yield from read_manifest(src, report, group_key)
         else:
-            yield from read_webdataset([src], report, label_key, label_map)
+            yield from read_webdataset([src], report, label_key, label_map, group_key)
 
 
 def split_of(key: str, seed: int, val_frac: float = 0.1, test_frac: float = 0.1) -> str:
@@ -214,6 +251,7 @@ class LoadedData:
     splits: dict[str, DecodedSplit]
     report: SkipReport
     labels: list[str]  # sorted label names; index = class id
+    duplicates_across_splits: int = 0  # identical decoded images in more than one split
 
 
 def load_data(
@@ -224,16 +262,19 @@ def load_data(
     label_map_path: str | None = None,
     val_frac: float = 0.1,
     test_frac: float = 0.1,
+    group_key: str | None = None,
+    require_splits: bool = True,
 ) -> LoadedData:
     report = SkipReport()
     buckets: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     seen: set[str] = set()
-    for s in read_any(sources, report, label_key, label_map_path):
+    for s in read_any(sources, report, label_key, label_map_path, group_key):
         if s.key in seen:
             report.skip("duplicate key", s.key)
             continue
         seen.add(s.key)
-        buckets[split_of(s.key, seed, val_frac, test_frac)].append(s)
+        # with --group-key, a group (a source photo, an item id) lands in one split whole
+        buckets[split_of(s.group if s.group is not None else s.key, seed, val_frac, test_frac)].append(s)
     splits = {name: decode_split(b, image_size, report) for name, b in buckets.items()}
     labels = sorted(set(splits["train"].labels))
     # a label never seen in training cannot be predicted; keep such samples out of val/test
@@ -245,4 +286,42 @@ def load_data(
         splits[name] = DecodedSplit([sp.keys[i] for i in keep], sp.images[keep] if len(sp) else sp.images,
                                     [sp.captions[i] for i in keep], [sp.labels[i] for i in keep])
     log.info(report.summary())
-    return LoadedData(splits, report, labels)
+    data = LoadedData(splits, report, labels)
+    data.duplicates_across_splits = duplicates_across_splits(splits)
+    if data.duplicates_across_splits:
+        log.warning("%d decoded images appear in more than one split: test accuracy partly measures memory "
+                    "(near-duplicates? split by a source with --group-key)", data.duplicates_across_splits)
+    if require_splits:
+        check_splits(data, sources)
+    return data
+
+
+def duplicates_across_splits(splits: dict[str, DecodedSplit]) -> int:
+    """Decoded images (identical pixels) found in more than one split."""
+    seen: dict[bytes, str] = {}
+    shared = 0
+    for name, sp in splits.items():
+        for img in sp.images:
+            digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+            other = seen.setdefault(digest, name)
+            if other != name:
+                shared += 1
+    return shared
+
+
+def check_splits(data: LoadedData, sources: Sequence[str | Path]) -> None:
+    """Data that cannot train a classifier or measure it is an error, not a model with accuracy 1.0 or NaN."""
+    where = ", ".join(str(s) for s in sources)
+    n_train = len(data.splits["train"])
+    if n_train == 0:
+        raise DataError(f"no usable training samples in {where}\n{data.report.summary()}")
+    if len(data.labels) < 2:
+        raise DataError(f"{where}: the training split has {len(data.labels)} label(s) ({', '.join(data.labels)}); "
+                        "a classifier needs at least 2")
+    if len(data.labels) * 2 > n_train:
+        raise DataError(f"{where}: {len(data.labels)} labels for {n_train} training samples; each label needs a few "
+                        "examples (is the label column an id?)")
+    for name in ("val", "test"):
+        if len(data.splits[name]) == 0:
+            raise DataError(f"{where}: the {name} split is empty (too few samples, or no {name} sample has a label "
+                            "seen in training); add data or raise --val-frac/--test-frac")

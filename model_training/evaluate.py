@@ -7,12 +7,12 @@ the figures as JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import jsonsafe
 from .config import DEFAULT_DATA
 
 
@@ -86,7 +86,8 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
         image_size = manifest.image_size
         seed = manifest.data.get("seed", 0) if seed is None else seed
         fracs = manifest.data.get("val_frac", 0.1), manifest.data.get("test_frac", 0.1)
-        loaded = load_data(data, image_size, int(seed), manifest.data.get("label_key", "label"), None, *fracs)
+        loaded = load_data(data, image_size, int(seed), manifest.data.get("label_key", "label"), None, *fracs,
+                           manifest.data.get("group_key"), require_splits=False)
         sp = loaded.splits[split]
         probs, labels = onnx_predict(path, sp.images, sp.captions)
     else:  # checkpoint
@@ -97,7 +98,7 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
         tc = ckpt["train_config"]
         seed = tc["seed"] if seed is None else seed
         loaded = load_data(data, model.cfg.image_size, int(seed), tc["label_key"], tc["label_map"],
-                           tc["val_frac"], tc["test_frac"])
+                           tc["val_frac"], tc["test_frac"], tc.get("group_key"), require_splits=False)
         labels = list(ckpt["labels"])
         sp = loaded.splits[split]
         probs = predict_probs(model, to_tensors(sp, text_encoder_from_checkpoint(ckpt), labels))
@@ -107,7 +108,7 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
     report.update({"target": str(target), "split": split, "seed": seed, "skipped": loaded.report.to_dict()})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.json").write_text(jsonsafe.dumps(report, indent=2))
         plot_confusion(report, out / "confusion_matrix.png", f"{path.name} on {split}")
     return report
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(a.out) if a.out else Path("runs") / "eval" / (target.name if target.is_dir() else target.parent.name)
     report = evaluate(a.target, a.data.split(","), a.split, a.seed, out)
     if a.json:
-        print(json.dumps(report, indent=2))  # noqa: T201
+        print(jsonsafe.dumps(report, indent=2))  # noqa: T201
     else:
         print(f"{a.target} on {a.split}: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, n={report['n']}")  # noqa: T201
         for lab, m in report["per_class"].items():

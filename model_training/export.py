@@ -32,6 +32,7 @@ import torch
 from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, sha256_file
 from classifier_core.text import TextEncoder, pad_ids
 
+from . import jsonsafe
 from .model import InferenceWrapper
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def export_artifact(
     labels = list(ckpt["labels"])
     sources = data or tc["data"]
     loaded = load_data(sources, model.cfg.image_size, tc["seed"], tc["label_key"], tc["label_map"],
-                       tc["val_frac"], tc["test_frac"])
+                       tc["val_frac"], tc["test_frac"], tc.get("group_key"), require_splits=False)
     test = loaded.splits["test"]
     if len(test) == 0:
         raise ExportError("the test split is empty: nothing to check parity or accuracy on")
@@ -137,7 +138,7 @@ def export_artifact(
         probs = predict_probs(model, tensors)
         index = {lab: i for i, lab in enumerate(labels)}
         report = classification_report(np.array([index[x] for x in test.labels]), probs.argmax(-1), labels)
-        (tmp / "eval_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "eval_report.json").write_text(jsonsafe.dumps(report, indent=2))
         plot_confusion(report, tmp / "confusion_matrix.png", f"{name} ({model.cfg.mode}) on test")
         for f in extra_files or []:
             shutil.copy(f, tmp / f.name)
@@ -173,6 +174,7 @@ def export_artifact(
                               "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
                               "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
             "data": {"sources": [str(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
+                     "group_key": tc.get("group_key"), "duplicates_across_splits": loaded.duplicates_across_splits,
                      "val_frac": tc["val_frac"], "test_frac": tc["test_frac"],
                      "n": {s: len(loaded.splits[s]) for s in ("train", "val", "test")},
                      "skipped": loaded.report.to_dict(), "dataset": dataset_info},
@@ -185,7 +187,7 @@ def export_artifact(
                           "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()},
         }
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(jsonsafe.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,5 +219,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ablation = json.loads(Path(a.ablation).read_text())["test_metrics"] if a.ablation else None
     name = a.name or Path(a.out).resolve().name
     manifest = export_artifact(a.checkpoint, a.out, name, a.version, a.data.split(",") if a.data else None, ablation)
-    print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {json.dumps(manifest['metrics'])}")  # noqa: T201
+    print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {jsonsafe.dumps(manifest['metrics'])}")  # noqa: T201
     return manifest

@@ -8,7 +8,6 @@ line per epoch), ``best.pt`` (best validation accuracy), ``metrics.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -25,10 +24,10 @@ from tqdm import tqdm
 
 from classifier_core.text import TextEncoder, train_tokenizer
 
-from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import distributed, jsonsafe
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
-from .data import LoadedData, load_data
+from .data import DataError, LoadedData, load_data
 from .model import build_model
 from .tensors import accuracy, iterate, predict_probs, to_tensors
 
@@ -48,6 +47,9 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
     writes files and logs, and only rank 0's return value is the summary.
     """
     dd = distributed.setup(cfg.device)
+    resume = read_checkpoint(Path(cfg.resume) / "last.pt") if cfg.resume else None
+    if resume is not None:
+        cfg.out_dir = str(cfg.resume)  # a resumed run goes on writing into its own folder
     out = Path(cfg.out_dir)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
@@ -57,21 +59,24 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
 
     if data is None:
         data = load_data(cfg.data, cfg.model.image_size, cfg.seed, cfg.label_key, cfg.label_map,
-                         cfg.val_frac, cfg.test_frac)
-    if len(data.splits["train"]) == 0:
-        raise SystemExit(f"no training samples in {cfg.data}\n{data.report.summary()}")
+                         cfg.val_frac, cfg.test_frac, cfg.group_key)
+    if resume is not None and list(resume["labels"]) != data.labels:
+        raise DataError(f"--resume {cfg.resume}: its labels {resume['labels']} differ from the data's {data.labels}")
 
-    # one tokenizer for all ranks: rank 0 trains it, the others receive it
+    # one tokenizer for all ranks: rank 0 trains it (or a resumed run reads its own), the others receive it
     from tokenizers import Tokenizer
 
-    tok_json = dd.broadcast_str(train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
-                                if dd.main else None)
+    if resume is not None:
+        tok_json = str(resume["tokenizer"])
+    else:
+        tok_json = dd.broadcast_str(train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
+                                    if dd.main else None)
     text = TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
     cfg.model.num_classes = len(data.labels)
     cfg.model.vocab_size = text.vocab_size
     cfg.model.pad_id = text.pad_id
     if dd.main:
-        (out / "skipped.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+        (out / "skipped.json").write_text(jsonsafe.dumps(data.report.to_dict(), indent=2))
         text.tokenizer.save(str(out / "tokenizer.json"))
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
@@ -118,7 +123,7 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
             row = {"epoch": epoch, "train_loss": loss_sum / total_f, "train_acc": correct_f / total_f,
                    "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1), "world_size": dd.world}
             with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
                      row["train_loss"], row["train_acc"], val_loss, val_acc)
             # an empty val split (tiny data) falls back to keeping the latest epoch
@@ -134,9 +139,9 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
                     stop = True
             # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
             save_checkpoint(out / "last.pt", model, data.labels, text, cfg,
-                            {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world,
-                             "best_val": best_val, "best_epoch": best_epoch, "stale": stale},
-                            optimizer=opt)
+                            {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world, "best_val": best_val,
+                             "best_epoch": best_epoch, "stale": stale, "np_rng": rng.bit_generator.state},
+                            optimizer=opt, rng=torch.get_rng_state())
         if dd.broadcast_flag(stop):  # every rank stops at the same epoch
             break
 
@@ -155,7 +160,7 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
             "skipped": data.report.to_dict(),
             "seconds": round(time.time() - t0, 1),
         }
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (out / "metrics.json").write_text(jsonsafe.dumps(summary, indent=2))
         log.info(data.report.summary())
     dd.barrier()
     return summary
@@ -175,6 +180,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     distributed.cleanup()
     if not summary:  # not rank 0
         return summary
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))  # noqa: T201
+    print(jsonsafe.dumps({k: v for k, v in summary.items() if k != "skipped"}, indent=2))  # noqa: T201
     print(f"skipped: {summary['skipped'] or 'none'}")  # noqa: T201
     return summary

@@ -120,6 +120,11 @@ def error_payload(path: str, code: str, message: str, request_id: str) -> dict[s
     return error_body(code, message, request_id)
 
 
+def render_json(payload: Any) -> bytes:
+    """Bytes exactly as JSONResponse writes them: every error body, whoever sends it, is serialised one way."""
+    return bytes(JSONResponse(payload).body)
+
+
 def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 

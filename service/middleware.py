@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import random
 import re
@@ -22,7 +21,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 from starlette.requests import ClientDisconnect
 
-from .errors import ServiceError, error_body, error_payload
+from .errors import ServiceError, error_body, error_payload, render_json
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .settings import Settings
@@ -135,7 +134,7 @@ class RequestContextMiddleware:
                 if abort is not None and message["status"] != abort.status:
                     # the framework turned our body error into another answer; the caller must see ours
                     status_holder["override"] = True
-                    body = json.dumps(error_body(abort.code, abort.message, request_id)).encode()
+                    body = render_json(error_body(abort.code, abort.message, request_id))
                     status_holder["status"], status_holder["started"] = abort.status, True
                     await send({"type": "http.response.start", "status": abort.status, "headers": [
                         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -152,7 +151,7 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-            body = json.dumps(error_payload(path, code, msg, request_id)).encode()
+            body = render_json(error_payload(path, code, msg, request_id))
             hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
             await send_wrapped({"type": "http.response.start", "status": status, "headers": hdrs})
             await send_wrapped({"type": "http.response.body", "body": body})

@@ -19,7 +19,6 @@ the judgement to uvicorn's parser.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 try:  # the class uvicorn's "auto" would choose
@@ -27,12 +26,14 @@ try:  # the class uvicorn's "auto" would choose
 except ImportError:  # pragma: no cover (uvicorn without httptools)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Inner  # type: ignore[assignment]
 
+from .errors import error_body, render_json
+
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _OFF = range(6)
 MAX_CHUNK_LINE = 1024
 
 
 def _error(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message, "request_id": ""}}).encode()
+    body = render_json(error_body(code, message, ""))
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n").encode() + body
 

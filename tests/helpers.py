@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +82,12 @@ def running_server(model_dir: Path, *args: str, **env: str) -> Iterator[tuple[su
                 proc.wait()
 
 
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of a ``python -m service`` supervisor (spawned children), sorted."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+
+
 def jpeg_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 30, 30), quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="JPEG", quality=quality)
@@ -115,3 +122,14 @@ def multipart_body(jpeg: bytes, caption: str, boundary: str = "testb0undary") ->
             f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"description\"\r\n\r\n{caption}\r\n"
             f"--{boundary}--\r\n").encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    """A WebDataset shard as img2dataset writes it: ``KEY.EXT`` members, grouped by key."""
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples.items():
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

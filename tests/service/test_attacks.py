@@ -24,18 +24,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, start_server
+from helpers import jpeg_bytes, start_server, workers_of
 from PIL import Image
 
 from benchmarks.procstats import proc_stats
 
 SETTINGS = {"CLASSIFIER_WORKERS": "2", "CLASSIFIER_HEADER_TIMEOUT_S": "1", "CLASSIFIER_BODY_TIMEOUT_S": "3",
             "CLASSIFIER_MAX_INFLIGHT_BODY_BYTES": str(24 * 1024 * 1024), "CLASSIFIER_LOG_LEVEL": "info"}
-
-
-def workers_of(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return sorted(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
 
 
 class GoodClient:

@@ -23,10 +23,6 @@ from PIL import Image
 from benchmarks.procstats import proc_stats
 
 
-def start(model_dir: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-    return start_server(model_dir, **env)
-
-
 def rss_mb(pid: int) -> float:
     return proc_stats(pid)["rss_mb"]
 
@@ -40,7 +36,7 @@ def big_jpeg() -> bytes:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_drains_in_flight_requests(tiny_artifact: Path, workers: str) -> None:
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS=workers, CLASSIFIER_DRAIN_DELAY_S="1.5",
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS=workers, CLASSIFIER_DRAIN_DELAY_S="1.5",
                       CLASSIFIER_SHUTDOWN_GRACE_S="15")
     image = big_jpeg()
     n = 24
@@ -75,7 +71,7 @@ def test_overload_is_refused_early_and_health_stays_fast(tiny_artifact: Path, tm
     import pickle
 
 
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="1", CLASSIFIER_MAX_QUEUE="4")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS="1", CLASSIFIER_MAX_QUEUE="4")
     try:
         small = synthetic_samples(1, seed=4)[0][0]
 
@@ -126,7 +122,7 @@ def test_overload_is_refused_early_and_health_stays_fast(tiny_artifact: Path, tm
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    proc, url = start(tiny_artifact, CLASSIFIER_WORKERS="1", CLASSIFIER_BODY_TIMEOUT_S="2")
+    proc, url = start_server(tiny_artifact, CLASSIFIER_WORKERS="1", CLASSIFIER_BODY_TIMEOUT_S="2")
     yield proc, url
     proc.terminate()
     proc.wait(timeout=20)

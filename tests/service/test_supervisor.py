@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, free_port, jpeg_bytes, multipart_body, start_server
+from helpers import ROOT, free_port, jpeg_bytes, multipart_body, start_server, workers_of
 
 from benchmarks.procstats import cpu_seconds, listening_sockets
 
@@ -25,11 +25,6 @@ def wait_listening(port: int, n: int, timeout: float = 60) -> bool:
     while listening_sockets(port) != n and time.time() < deadline:
         time.sleep(0.05)
     return listening_sockets(port) == n
-
-
-def workers_of(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def classify_ok(url: str) -> bool:
