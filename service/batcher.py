@@ -134,26 +134,35 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             rows = await self._collect()
-            now = time.perf_counter()
-            live: list[_Row] = []
-            for row in rows:
-                if row.future.done():  # the caller went away (cancelled)
-                    continue
-                waited = now - row.enqueued
-                self.metrics.queue_wait.observe(waited)
-                if waited > self.timeout_s:
-                    row.future.set_exception(QueueTimeout(f"the request waited {waited * 1000:.0f} ms in the queue"))
-                else:
-                    live.append(row)
-            assert self._queue is not None
-            self.metrics.queue_depth.set(self._queue.qsize())
-            if not live:
-                continue
-            self.in_flight += len(live)
             try:
-                await self._run(live)
-            finally:
-                self.in_flight -= len(live)
+                await self._serve(rows)
+            except Exception as exc:  # a bug here must not stop batching for good (callers would wait for ever)
+                log.error("batcher: %s", type(exc).__name__, exc_info=exc)
+                for r in rows:
+                    if not r.future.done():
+                        r.future.set_exception(BatchFailed("inference failed for this row"))
+
+    async def _serve(self, rows: list[_Row]) -> None:
+        now = time.perf_counter()
+        live: list[_Row] = []
+        for row in rows:
+            if row.future.done():  # the caller went away (cancelled)
+                continue
+            waited = now - row.enqueued
+            self.metrics.queue_wait.observe(waited)
+            if waited > self.timeout_s:
+                row.future.set_exception(QueueTimeout(f"the request waited {waited * 1000:.0f} ms in the queue"))
+            else:
+                live.append(row)
+        assert self._queue is not None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        if not live:
+            return
+        self.in_flight += len(live)
+        try:
+            await self._run(live)
+        finally:
+            self.in_flight -= len(live)
 
     async def _call(self, rows: list[_Row]) -> list[Prediction]:
         self.metrics.batch_size.observe(len(rows))

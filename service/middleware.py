@@ -34,6 +34,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
+_DECIMAL = re.compile(rb"[0-9]{1,19}")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # open without the API key: probes, metrics, and what a browser needs to show the demo page and docs
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
@@ -145,10 +146,23 @@ class RequestContextMiddleware:
                 status_holder["started"] = True
                 hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
                 hdrs += [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
+                if has_body and not status_holder["body_done"] and not any(k.lower() == b"connection" for k, _ in hdrs):
+                    # answered before its body was read: close, or the client could trickle the rest for ever
+                    hdrs.append((b"connection", b"close"))
                 message = {**message, "headers": hdrs}
             elif message["type"] == "http.response.body" and status_holder["override"]:
                 return
             await send(message)
+
+        declared_length = headers.get(b"content-length")
+        has_body = b"transfer-encoding" in headers or (declared_length is not None and declared_length.strip(b" 0") != b"")
+        status_holder["body_done"] = not has_body
+
+        async def receive_tracked() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                status_holder["body_done"] = True
+            return message
 
         async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
             body = render_json(error_payload(path, code, msg, request_id))
@@ -164,7 +178,7 @@ class RequestContextMiddleware:
                 return
             rule = self._rule(path) if method == "POST" else None
             if rule is None:
-                await self._call_app(scope, receive, send_wrapped, reply, status_holder, request_id)
+                await self._call_app(scope, receive_tracked, send_wrapped, reply, status_holder, request_id)
                 return
             ctype, limit = rule
             got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
@@ -172,13 +186,15 @@ class RequestContextMiddleware:
                 await reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
                 return
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if declared is not None and not _DECIMAL.fullmatch(declared):
+                declared = None  # not a length: uvicorn's parser has refused such a request already
+            if declared is not None and int(declared) > limit:
                 await reply(413, "payload_too_large", f"the request body is {int(declared)} bytes; the limit is {limit}")
                 return
             # memory for bodies in flight is bounded: a declared length is reserved before anything
             # is read; a chunked body is counted as it arrives
             budget = self.settings.max_inflight_body_bytes
-            reserved = int(declared) if declared is not None and declared.isdigit() else 0
+            reserved = int(declared) if declared is not None else 0
             if reserved and self.inflight_body_bytes + reserved > budget:
                 await reply(503, "overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
                             f"{reserved} more would pass the limit of {budget}", [(b"retry-after", b"1"), (b"connection", b"close")])
@@ -202,6 +218,8 @@ class RequestContextMiddleware:
                                                          f"the request body did not arrive within {self.settings.body_timeout_s:g} s")
                     raise status_holder["abort"] from None
                 if message["type"] == "http.request":
+                    if not message.get("more_body", False):
+                        status_holder["body_done"] = True
                     received += len(message.get("body", b""))
                     if received > limit:
                         status_holder["abort"] = BodyAborted(413, "payload_too_large", f"the request body exceeds {limit} bytes")

@@ -273,12 +273,24 @@ class Pipeline:
         # interrupted) and holds its executor slot until it ends, so overruns cannot pile up
         loop = asyncio.get_running_loop()
         state = {"started": False, "done": False, "expired": False, "counted": False}
+        budget = self.settings.decode_timeout_s
+        timer: list[asyncio.TimerHandle] = []
+
+        def expire() -> None:
+            with self._overrun_lock:
+                if state["done"]:
+                    return
+                state["expired"] = state["counted"] = True
+                self.overrunning += 1
+            fut.cancel()
 
         def work() -> Prepared | None:
             with self._overrun_lock:
                 if state["expired"]:
-                    return None  # expired while queued: nobody waits for it
+                    return None  # its request went away while it was queued
                 state["started"] = True
+            # the budget is the decode's own: time spent queued for a thread does not count
+            loop.call_soon_threadsafe(lambda: timer.append(loop.call_later(budget, expire)))
             try:
                 return self._prepare_sync(row, description)
             finally:
@@ -288,28 +300,20 @@ class Pipeline:
                         self.overrunning -= 1
 
         fut = loop.run_in_executor(self.decoder, work)
-
-        def expire() -> None:
-            with self._overrun_lock:
-                state["expired"] = True
-                if state["started"] and not state["done"]:
-                    state["counted"] = True
-                    self.overrunning += 1
-            fut.cancel()
-
-        budget = self.settings.decode_timeout_s
-        timer = loop.call_later(budget, expire)
         try:
             prepared = await fut
             assert prepared is not None
             return prepared
         except asyncio.CancelledError:
             if not state["expired"]:
-                raise  # the request itself was cancelled
+                with self._overrun_lock:
+                    state["expired"] = True  # cancelled from outside: a queued decode is skipped
+                raise
             log.warning("an image decode passed its budget of %.1f s (%d still running)", budget, self.overrunning)
             raise _RowFailed("image_too_complex", f"decoding the image took longer than its budget of {budget:g} s") from None
         finally:
-            timer.cancel()
+            for t in timer:
+                t.cancel()
 
     async def _submit(self, prepared: Prepared) -> Prediction:
         try:

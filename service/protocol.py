@@ -19,6 +19,7 @@ the judgement to uvicorn's parser.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 try:  # the class uvicorn's "auto" would choose
@@ -30,6 +31,8 @@ from .errors import error_body, render_json
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _OFF = range(6)
 MAX_CHUNK_LINE = 1024
+_DECIMAL = re.compile(rb"[0-9]{1,19}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 def _error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -116,6 +119,10 @@ class GuardedProtocol(asyncio.Protocol):
         while pos < n and self.state != _OFF:
             if self.state == _HEAD:
                 if not self.head:
+                    while pos < n and data[pos] in b"\r\n":  # empty lines before a request line are ignored
+                        pos += 1
+                    if pos == n:
+                        break
                     if self.timer is None:
                         self._start_timer()  # a new head begins: its clock starts with its first byte
                     end = data.find(b"\r\n\r\n", pos, pos + self.MAX_HEADER_BYTES)
@@ -149,9 +156,9 @@ class GuardedProtocol(asyncio.Protocol):
                 stop = n if nl < 0 else nl + 1
                 self.line += data[pos:stop]
                 pos = stop
-                if len(self.line) > MAX_CHUNK_LINE:
-                    self.state = _OFF  # not ours to judge: uvicorn's parser will
-                    return True
+                if len(self.line) > MAX_CHUNK_LINE:  # a chunk size or trailer line this long is no real client's
+                    self._refuse(_error(400, "Bad Request", "bad_request", "malformed chunked body"))
+                    return False
                 if nl >= 0:
                     self._line_done(bytes(self.line).strip())
                     self.line.clear()
@@ -167,7 +174,7 @@ class GuardedProtocol(asyncio.Protocol):
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
-            if name == b"content-length" and value.strip().isdigit():
+            if name == b"content-length" and _DECIMAL.fullmatch(value.strip()):
                 length = int(value.strip())
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
@@ -184,11 +191,11 @@ class GuardedProtocol(asyncio.Protocol):
             if not line:
                 self._next_head()
             return
-        try:
-            size = int(line.split(b";")[0], 16)
-        except ValueError:
-            self.state = _OFF
+        token = line.split(b";")[0].strip()
+        if not _HEX.fullmatch(token):
+            self.state = _OFF  # uvicorn's parser answers a malformed chunk size itself
             return
+        size = int(token, 16)
         if size == 0:
             self.state = _TRAILER
         else:

@@ -101,9 +101,11 @@ def serve_socket(settings: Settings, sock: socket.socket, predictor: Predictor |
     from .app import create_app
 
     # uvicorn re-raises the signal that stopped it after its graceful shutdown; after a clean
-    # drain the process should exit 0, which orchestrators read as a normal stop
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, lambda *_: None)
+    # drain the process should exit 0, which orchestrators read as a normal stop. A signal that
+    # arrives before uvicorn has installed its own handlers is remembered and acted on once it has.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda sig, _frame: early.append(sig))
+    signal.signal(signal.SIGINT, lambda sig, _frame: early.append(sig))
     config = uvicorn_config(create_app(settings, predictor=predictor), settings)
     server = uvicorn.Server(config)
 
@@ -111,6 +113,8 @@ def serve_socket(settings: Settings, sock: socket.socket, predictor: Predictor |
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
+        if early:
+            signal.raise_signal(early[0])  # now handled by uvicorn (and the drain wrapper)
         if server.started and ready is not None:
             ready.send(os.getpid())
         await task
@@ -173,17 +177,32 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
 
+    def _wait_listening(self, worker: Worker) -> bool:
+        """Until the worker listens; False if it died, timed out, or a stop signal came meanwhile."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if any(sig in (signal.SIGTERM, signal.SIGINT) for sig in self._signals):
+                return False  # the loop handles the stop at once
+            try:
+                if worker.ready.poll(0.1):
+                    worker.ready.recv()
+                    return True
+            except (EOFError, OSError):  # it exited before it listened
+                return False
+            if worker.process.exitcode is not None:
+                return False
+        return False
+
     def _rolling_restart(self) -> None:
         for old in [w for w in self.workers if not w.retiring]:
             if self.stopping_since is not None:
                 return
             new = self._spawn()
-            if not new.ready.poll(READY_TIMEOUT_S) or new.process.exitcode is not None:
+            if not self._wait_listening(new):
                 log.error("SIGHUP: replacement worker [%s] did not start listening; keeping [%s]", new.process.pid, old.process.pid)
                 new.retiring = True
                 self._signal_all(signal.SIGKILL, [new])
                 return
-            new.ready.recv()
             old.retiring = True
             self._signal_all(signal.SIGTERM, [old])
             log.info("SIGHUP: worker [%s] replaced by [%s]", old.process.pid, new.process.pid)

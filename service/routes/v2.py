@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from typing import Annotated, Any
 
@@ -103,7 +104,7 @@ def serialize_bytes(items: list[bytes]) -> bytes:
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not re.fullmatch(r"[0-9]{1,19}", header_length) or int(header_length) > len(body):
             raise _bad("Inference-Header-Content-Length must be an integer within the body's length")
         n = int(header_length)
         head, binary = body[:n], body[n:]

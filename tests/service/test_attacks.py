@@ -357,3 +357,38 @@ def test_v2_binary_sizes_cannot_ask_for_memory(server: tuple[Any, str, Path]) ->
             v2_error(r, 400, "bad_request")
 
     attack(server, run)
+
+
+# --- broken framing: refused or closed, never a stuck worker ------------------------------------
+FRAMING: list[tuple[str, bytes, bytes]] = [
+    # (name, raw request, how the answer must start; b"" = the connection is closed without one)
+    ("negative chunk size", b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n56\r\n" + b"A" * 86
+     + b"\r\n-63\r\nX", b"HTTP/1.1 400"),
+    ("chunk extension of 5 kB", b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;"
+     + b"x" * 5000 + b"\r\nhello\r\n0\r\n\r\n", b"HTTP/1.1 400"),
+    ("Content-Length of 5000 digits", b"POST /classify HTTP/1.1\r\nHost: t\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+     b"HTTP/1.1 4"),
+    ("non-ASCII digit length", b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+     b"Inference-Header-Content-Length: \xb2\r\nContent-Length: 2\r\n\r\n{}", b"HTTP/1.1 400"),
+]
+
+
+def test_broken_framing_is_refused_and_the_worker_keeps_serving(server: tuple[Any, str, Path]) -> None:
+    port = int(server[1].rsplit(":", 1)[1])
+
+    def run(url: str) -> None:
+        for name, raw, start in FRAMING:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(raw)
+                answer = read_answer(s, timeout=5)
+            assert answer.startswith(start), (name, answer[:200])
+        # a body the service never reads (a GET with a huge declared length): answered, then closed,
+        # so a client cannot trickle the rest for ever
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999999\r\n\r\nx")
+            t0 = time.perf_counter()
+            answer = read_answer(s, timeout=8)
+            assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower(), answer[:300]
+            assert time.perf_counter() - t0 < 5  # closed by the server, not by our timeout
+
+    attack(server, run)

@@ -105,9 +105,13 @@ def test_overload_is_refused_early_and_health_stays_fast(tiny_artifact: Path, tm
         assert set(statuses) == {"200", "503"}, statuses  # nothing else: no 5xx, no dropped connection
         assert statuses["503"] > statuses["200"]  # several times capacity: most are refused...
         p50 = result["p50_ms_by_status"]
-        assert p50["503"] < p50["200"] / 3  # ...quickly, before any decoding
+        # ...faster than service, before any decoding. Refusals close their connection now (the body
+        # is never read: a client must not be able to trickle it for ever), so the load generator
+        # reconnects after each: measured 143-176 ms against 217-262 ms for a 200 (it was under 1/3
+        # while refused connections were kept alive)
+        assert p50["503"] < 0.8 * p50["200"], p50
         assert retry_after == "1"
-        # p95 under 100 ms; the single worst probe gets slack for scheduler noise on a 2-core CI box
+        # the single worst probe gets slack for scheduler noise on a 2-core CI box
         p95 = sorted(health)[int(0.95 * (len(health) - 1))]
         # measured on the 2-core dev box: p95 86-104 ms before rows were admitted after their body
         # (bodies of refused requests were never read), 104-108 ms since; probes time out after 1 s
