@@ -11,10 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from classifier_core.artifact import ArtifactError
-
 from .logs import log_config
-from .predictor import Predictor, ProviderError
+from .predictor import Predictor
 from .settings import Settings
 
 
@@ -36,26 +34,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     workers, threads = resolve_workers(settings)
     settings = settings.model_copy(update={"workers": workers, "intra_op_threads": threads})
-    predictor = Predictor(settings)
-    try:
-        # load before binding the port: a broken artifact ends start-up with one line
-        predictor.load()
-    except (ArtifactError, ProviderError) as exc:
-        print(f"service: cannot start: {exc}", file=sys.stderr)  # noqa: T201
+    # check the model before binding the port: a broken artifact ends start-up with one line.
+    # With several workers the check runs in a child process, so the supervisor itself never
+    # holds a model session (on a GPU: never a CUDA context and its memory)
+    from .server import check_in_child, load_problem
+
+    predictor = Predictor(settings) if workers == 1 else None
+    problem = load_problem(predictor) if predictor is not None else check_in_child(settings)
+    if problem:
+        print(f"service: cannot start: {problem}", file=sys.stderr)  # noqa: T201
         return 2
 
     from .server import Listen, PortInUse, Supervisor, serve_socket
 
     listen = Listen(args.host, args.port)
     try:
-        if workers == 1:
+        if predictor is not None:
             sock = listen.bind()
             return serve_socket(settings, sock, predictor=predictor)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # prometheus_client's own variable, read by each worker at import: one metrics view over all
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
         logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
-        del predictor  # each worker loads its own session
         return Supervisor(settings, listen, workers).run()
     except PortInUse as exc:
         print(f"service: {exc}", file=sys.stderr)  # noqa: T201

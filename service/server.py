@@ -39,8 +39,10 @@ from typing import Any
 
 import uvicorn
 
+from classifier_core.artifact import ArtifactError
+
 from .logs import log_config
-from .predictor import Predictor
+from .predictor import Predictor, ProviderError
 from .protocol import guarded_protocol
 from .settings import Settings
 
@@ -133,6 +135,34 @@ def _worker_main(settings: Settings, listen: Listen, shared: socket.socket | Non
         log.error("%s", exc)
         sys.exit(STARTUP_FAILURE)
     sys.exit(serve_socket(settings, sock, ready=ready))
+
+
+def load_problem(predictor: Predictor) -> str | None:
+    """Load and verify; the one-line reason it cannot serve, or None."""
+    try:
+        predictor.load()
+    except (ArtifactError, ProviderError) as exc:
+        return str(exc)
+    return None
+
+
+def _check(settings: Settings, conn: Connection) -> None:  # in a spawned child: importable, not in __main__
+    conn.send(load_problem(Predictor(settings)))
+
+
+def check_in_child(settings: Settings) -> str | None:
+    ctx = multiprocessing.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_check, args=(settings, w), name="classifier-model-check")
+    child.start()
+    w.close()
+    try:
+        result: str | None = r.recv()
+    except EOFError:
+        child.join()
+        return f"the model check process died (exit code {child.exitcode})"
+    child.join()
+    return result
 
 
 @dataclass
