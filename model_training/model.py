@@ -22,6 +22,8 @@ class ModelConfig:
     num_classes: int = 8  # set from the data's label list at train time
     image_size: int = 64  # square model input, pixels; the artifact records it
     conv_channels: tuple[int, ...] = (32, 64, 128)  # one Conv-ReLU-MaxPool block per entry
+    batch_norm: bool = False  # BatchNorm after each convolution (the photo preset; not in the paper)
+    global_pool: bool = False  # average the last feature map instead of flattening it (fewer weights, any size)
     image_dim: int = 128  # image feature width after the dense layer
     vocab_size: int = 1000  # set from the trained tokenizer
     pad_id: int = 0  # the tokenizer's [PAD] id; its embedding stays zero
@@ -52,13 +54,17 @@ class ImageEncoder(nn.Module):
         blocks: list[nn.Module] = []
         in_ch = 3
         for out_ch in cfg.conv_channels:
-            blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not cfg.batch_norm)]
+            if cfg.batch_norm:
+                blocks.append(nn.BatchNorm2d(out_ch))
+            blocks += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         side = cfg.image_size // (2 ** len(cfg.conv_channels))
         if side < 1:
             raise ValueError("image_size too small for the number of pooling blocks")
-        self.fc = nn.Linear(in_ch * side * side, cfg.image_dim)
+        self.global_pool = cfg.global_pool
+        self.fc = nn.Linear(in_ch if cfg.global_pool else in_ch * side * side, cfg.image_dim)
         self.pixel_mean: torch.Tensor
         self.pixel_inv_std: torch.Tensor
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -69,7 +75,7 @@ class ImageEncoder(nn.Module):
         x = image.permute(0, 3, 1, 2).float()  # [N, 3, H, W]
         x = (x - self.pixel_mean) * self.pixel_inv_std
         x = self.features(x)  # [N, C, H/2^k, W/2^k]
-        x = torch.flatten(x, 1)  # [N, C*h*w]
+        x = x.mean(dim=(2, 3)) if self.global_pool else torch.flatten(x, 1)  # [N, C] or [N, C*h*w]
         return F.relu(self.fc(x))  # [N, image_dim]
 
 

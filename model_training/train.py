@@ -25,6 +25,7 @@ from tqdm import tqdm
 from classifier_core.text import TextEncoder, train_tokenizer
 
 from . import distributed, jsonsafe
+from .augment import augment
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
 from .data import DataError, LoadedData, load_data
@@ -88,6 +89,9 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
 
         trained = DistributedDataParallel(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
     opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule not in ("constant", "cosine"):
+        raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
     rng = np.random.default_rng(cfg.seed)
     best_val, best_epoch, stale = -1.0, -1, 0
     log_path = out / "log.jsonl"
@@ -103,9 +107,11 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
         bar = tqdm(iterate(tr, cfg.batch_size, order), total=-(-len(order) // cfg.batch_size),
                    desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not show_bars, leave=False)
         for img, ids, y in bar:
+            if cfg.augment:
+                img = augment(img)
             img, ids, y = img.to(dd.device), ids.to(dd.device), y.to(dd.device)
             logits, _ = trained(img, ids)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients of all ranks here
             opt.step()
@@ -113,6 +119,8 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+        if sched is not None:
+            sched.step()
         loss_sum, correct_f, total_f = dd.sum(loss_sum, correct, total)
         stop = False
         if dd.main:
@@ -140,7 +148,8 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
             # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
             save_checkpoint(out / "last.pt", model, data.labels, text, cfg,
                             {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world, "best_val": best_val,
-                             "best_epoch": best_epoch, "stale": stale, "np_rng": rng.bit_generator.state},
+                             "best_epoch": best_epoch, "stale": stale, "np_rng": rng.bit_generator.state,
+                             **({"scheduler": sched.state_dict()} if sched is not None else {})},
                             optimizer=opt, rng=torch.get_rng_state())
         if dd.broadcast_flag(stop):  # every rank stops at the same epoch
             break

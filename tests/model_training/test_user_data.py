@@ -146,3 +146,33 @@ def test_the_paper_is_compared_only_on_the_builtin_dataset(tmp_path: Path) -> No
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "paper" not in table and summary["paper"] is None
     assert "| image-only |" in table and "| text-only |" in table and "| fused |" in table
+
+
+def test_augmentation_keeps_shape_and_type_and_follows_the_seed() -> None:
+    from model_training.augment import augment
+
+    images = torch.randint(0, 256, (6, 24, 24, 3), dtype=torch.uint8)
+    torch.manual_seed(0)
+    a = augment(images)
+    torch.manual_seed(0)
+    b = augment(images)
+    assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, images)
+
+
+def test_the_photo_preset_trains_and_exports_with_parity(tiny_data: Path, tmp_path: Path) -> None:
+    from classifier_core.artifact import load_manifest
+    from model_training import train
+    from model_training.export import export_artifact
+
+    # the photo preset's design (BatchNorm, global pooling, augmentation, label smoothing, cosine),
+    # at a size the suite can afford
+    train.main(["--preset", "photo", "--data", str(tiny_data), "--out-dir", str(tmp_path / "run"), "--epochs", "2",
+                "--model.image-size", "32", "--model.conv-channels", "8,16", "--model.image-dim", "16", "--threads", "2",
+                "--max-len", "12", "--no-progress"])
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["model_config"]["batch_norm"] and ckpt["model_config"]["global_pool"]
+    assert ckpt["train_config"]["schedule"] == "cosine" and ckpt["train_config"]["augment"]
+    assert any("running_mean" in k for k in ckpt["state_dict"])
+    manifest = export_artifact(tmp_path / "run" / "best.pt", tmp_path / "art", name="photo-smoke")
+    assert manifest["parity"]["max"] < 1e-4 and load_manifest(tmp_path / "art").image_size == 32
