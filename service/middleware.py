@@ -51,6 +51,107 @@ class BodyAborted(ServiceError):
         self.status = status
 
 
+class _Exchange:
+    """One request's answer: the status it got, whether it started, the body error that must win."""
+
+    def __init__(self, send: Callable[[Message], Any], request_id: str, path: str, headers: dict[bytes, bytes]) -> None:
+        self._send = send
+        self.request_id, self.path = request_id, path
+        self.status = 500
+        self.started = False
+        self.override = False  # our body error replaced the framework's answer
+        self.abort: BodyAborted | None = None
+        length = headers.get(b"content-length")
+        self.has_body = b"transfer-encoding" in headers or (length is not None and length.strip(b" 0") != b"")
+        self.body_done = not self.has_body
+
+    def note(self, message: Message) -> None:
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.body_done = True
+
+    def tracking(self, receive: Callable[[], Any]) -> Callable[[], Any]:
+        async def tracked() -> Message:
+            message: Message = await receive()
+            self.note(message)
+            return message
+        return tracked
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            if self.override:
+                return
+            if self.abort is not None and message["status"] != self.abort.status:
+                # the framework turned our body error into another answer; the caller must see ours
+                self.override = True
+                abort, body = self.abort, render_json(error_body(self.abort.code, self.abort.message, self.request_id))
+                self.status, self.started = abort.status, True
+                await self._send({"type": "http.response.start", "status": abort.status, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", self.request_id.encode()), (b"connection", b"close")]})
+                await self._send({"type": "http.response.body", "body": body})
+                return
+            self.status, self.started = message["status"], True
+            hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+            hdrs += [(b"x-request-id", self.request_id.encode()), (b"x-content-type-options", b"nosniff")]
+            if self.has_body and not self.body_done and not any(k.lower() == b"connection" for k, _ in hdrs):
+                # answered before its body was read: close, or the client could trickle the rest for ever
+                hdrs.append((b"connection", b"close"))
+            message = {**message, "headers": hdrs}
+        elif message["type"] == "http.response.body" and self.override:
+            return
+        await self._send(message)
+
+    async def reply(self, status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = render_json(error_payload(self.path, code, msg, self.request_id))
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
+        await self.send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+class _BodyGuard:
+    """A request body counted as it streams: refused past its size limit, past its deadline, or
+    when this worker's bodies in flight pass their budget. Never buffered whole here."""
+
+    def __init__(self, owner: RequestContextMiddleware, ex: _Exchange, receive: Callable[[], Any], limit: int,
+                 reserved: int, deadline: float) -> None:
+        self.owner, self.ex, self._receive, self.limit = owner, ex, receive, limit
+        self.received = 0
+        self.held = reserved  # bytes counted in owner.inflight_body_bytes for this body
+        owner.inflight_body_bytes += reserved
+        self.loop_deadline = asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
+
+    def _fail(self, status: int, code: str, message: str) -> BodyAborted:
+        self.ex.abort = BodyAborted(status, code, message)
+        return self.ex.abort
+
+    async def receive(self) -> Message:
+        settings = self.owner.settings
+        try:
+            # asyncio.timeout_at, not wait_for: no task per body chunk (a 10 MB upload is ~160 chunks)
+            async with asyncio.timeout_at(self.loop_deadline):
+                message: Message = await self._receive()
+        except TimeoutError:
+            raise self._fail(408, "request_timeout",
+                             f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
+        if message["type"] != "http.request":
+            return message
+        self.ex.note(message)
+        self.received += len(message.get("body", b""))
+        if self.received > self.limit:
+            raise self._fail(413, "payload_too_large", f"the request body exceeds {self.limit} bytes")
+        if self.received > self.held:  # past its reservation (a chunked body): count the rest now
+            self.owner.inflight_body_bytes += self.received - self.held
+            self.held = self.received
+            if self.owner.inflight_body_bytes > settings.max_inflight_body_bytes:
+                raise self._fail(503, "overloaded", "request bodies in progress hold more than the limit of "
+                                 f"{settings.max_inflight_body_bytes} bytes")
+        return message
+
+    def release(self) -> None:
+        self.owner.inflight_body_bytes -= self.held
+        self.held = 0
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, pipeline: Pipeline | None = None) -> None:
         self.app = app
@@ -83,21 +184,20 @@ class RequestContextMiddleware:
         digest = hashlib.sha256(supplied or b"").digest()
         return hmac.compare_digest(digest, self._key_digest) and supplied is not None
 
-    async def _call_app(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any],
-                        reply: Callable[..., Any], status: dict[str, Any], request_id: str) -> None:
+    async def _call_app(self, scope: Scope, receive: Callable[[], Any], ex: _Exchange) -> None:
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, ex.send)
         except BodyAborted:
             raise
         except ClientDisconnect:
             # the client hung up before its body arrived: nothing to answer, and not a server error
-            if not status["started"]:
-                status["status"] = 499
+            if not ex.started:
+                ex.status = 499
         except Exception as exc:
             # answered here, inside the request-id scope; the traceback goes to the log only
-            log.error("unhandled error (request_id=%s): %s", request_id, type(exc).__name__, exc_info=exc)
-            if not status["started"]:
-                await reply(500, "internal_error", "internal error; see the service log with this request id")
+            log.error("unhandled error (request_id=%s): %s", ex.request_id, type(exc).__name__, exc_info=exc)
+            if not ex.started:
+                await ex.reply(500, "internal_error", "internal error; see the service log with this request id")
 
     async def __call__(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any]) -> None:
         if scope["type"] != "http":
@@ -110,149 +210,77 @@ class RequestContextMiddleware:
         request_id = incoming if _SANE_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         path, method = scope["path"], scope["method"]
-        status_holder: dict[str, Any] = {"status": 500, "started": False, "override": False, "abort": None}
+        ex = _Exchange(send, request_id, path, headers)
         if not tracing_active():
-            await self._handle(scope, receive, send, start, headers, request_id, path, method, status_holder)
+            await self._handle(scope, receive, ex, headers, method, start)
             return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
         with tracer.start_as_current_span(f"HTTP {method}", context=extract(carrier), kind=SpanKind.SERVER) as span:
-            await self._handle(scope, receive, send, start, headers, request_id, path, method, status_holder)
+            await self._handle(scope, receive, ex, headers, method, start)
             if span.is_recording():
-                route = scope.get("route")
-                span.update_name(f"{method} {getattr(route, 'path', path)}")
-                span.set_attributes({"http.request.method": method, "http.route": getattr(route, "path", path),
-                                     "http.response.status_code": int(status_holder["status"]), "request_id": request_id})
+                route = getattr(scope.get("route"), "path", path)
+                span.update_name(f"{method} {route}")
+                span.set_attributes({"http.request.method": method, "http.route": route,
+                                     "http.response.status_code": int(ex.status), "request_id": request_id})
 
-    async def _handle(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any], start: float,
-                      headers: dict[bytes, bytes], request_id: str, path: str, method: str,
-                      status_holder: dict[str, Any]) -> None:
-
-        async def send_wrapped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                if status_holder["override"]:
-                    return
-                abort: BodyAborted | None = status_holder["abort"]
-                if abort is not None and message["status"] != abort.status:
-                    # the framework turned our body error into another answer; the caller must see ours
-                    status_holder["override"] = True
-                    body = render_json(error_body(abort.code, abort.message, request_id))
-                    status_holder["status"], status_holder["started"] = abort.status, True
-                    await send({"type": "http.response.start", "status": abort.status, "headers": [
-                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"x-request-id", request_id.encode()), (b"connection", b"close")]})
-                    await send({"type": "http.response.body", "body": body})
-                    return
-                status_holder["status"] = message["status"]
-                status_holder["started"] = True
-                hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
-                hdrs += [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
-                if has_body and not status_holder["body_done"] and not any(k.lower() == b"connection" for k, _ in hdrs):
-                    # answered before its body was read: close, or the client could trickle the rest for ever
-                    hdrs.append((b"connection", b"close"))
-                message = {**message, "headers": hdrs}
-            elif message["type"] == "http.response.body" and status_holder["override"]:
-                return
-            await send(message)
-
-        declared_length = headers.get(b"content-length")
-        has_body = b"transfer-encoding" in headers or (declared_length is not None and declared_length.strip(b" 0") != b"")
-        status_holder["body_done"] = not has_body
-
-        async def receive_tracked() -> Message:
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                status_holder["body_done"] = True
-            return message
-
-        async def reply(status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-            body = render_json(error_payload(path, code, msg, request_id))
-            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
-            await send_wrapped({"type": "http.response.start", "status": status, "headers": hdrs})
-            await send_wrapped({"type": "http.response.body", "body": body})
-
+    async def _handle(self, scope: Scope, receive: Callable[[], Any], ex: _Exchange, headers: dict[bytes, bytes],
+                      method: str, start: float) -> None:
         try:
-            if (self._key_digest is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
-                    and not self._key_ok(headers)):
-                await reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
-                            [(b"www-authenticate", b"Bearer")])
-                return
-            rule = self._rule(path) if method == "POST" else None
-            if rule is None:
-                await self._call_app(scope, receive_tracked, send_wrapped, reply, status_holder, request_id)
-                return
-            ctype, limit = rule
-            got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            if ctype and got != ctype:
-                await reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
-                return
-            declared = headers.get(b"content-length")
-            if declared is not None and not _DECIMAL.fullmatch(declared):
-                declared = None  # not a length: uvicorn's parser has refused such a request already
-            if declared is not None and int(declared) > limit:
-                await reply(413, "payload_too_large", f"the request body is {int(declared)} bytes; the limit is {limit}")
-                return
-            # memory for bodies in flight is bounded: a declared length is reserved before anything
-            # is read; a chunked body is counted as it arrives
-            budget = self.settings.max_inflight_body_bytes
-            reserved = int(declared) if declared is not None else 0
-            if reserved and self.inflight_body_bytes + reserved > budget:
-                await reply(503, "overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
-                            f"{reserved} more would pass the limit of {budget}", [(b"retry-after", b"1"), (b"connection", b"close")])
-                return
-            self.inflight_body_bytes += reserved
-            held = reserved
-            received = 0
-            deadline = start + self.settings.body_timeout_s
-            loop_deadline = asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
-
-            async def receive_guarded() -> Message:
-                # the body is counted as it streams (refused past the limit, never buffered whole)
-                # and must arrive within body_timeout_s, so a slow sender cannot hold a request open
-                nonlocal received, held
-                try:
-                    # asyncio.timeout_at, not wait_for: no task per body chunk (a 10 MB upload is ~160 chunks)
-                    async with asyncio.timeout_at(loop_deadline):
-                        message = await receive()
-                except TimeoutError:
-                    status_holder["abort"] = BodyAborted(408, "request_timeout",
-                                                         f"the request body did not arrive within {self.settings.body_timeout_s:g} s")
-                    raise status_holder["abort"] from None
-                if message["type"] == "http.request":
-                    if not message.get("more_body", False):
-                        status_holder["body_done"] = True
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        status_holder["abort"] = BodyAborted(413, "payload_too_large", f"the request body exceeds {limit} bytes")
-                        raise status_holder["abort"]
-                    if received > held:  # past its reservation (a chunked body): count the rest now
-                        self.inflight_body_bytes += received - held
-                        held = received
-                        if self.inflight_body_bytes > budget:
-                            status_holder["abort"] = BodyAborted(503, "overloaded", "request bodies in progress hold more "
-                                                                 f"than the limit of {budget} bytes")
-                            raise status_holder["abort"]
-                return message
-
-            try:
-                await self._call_app(scope, receive_guarded, send_wrapped, reply, status_holder, request_id)
-            except BodyAborted as exc:
-                if not status_holder["started"]:
-                    extra = [(b"connection", b"close")] + ([(b"retry-after", b"1")] if exc.status == 503 else [])
-                    await reply(exc.status, exc.code, exc.message, extra)
-                return
-            finally:
-                self.inflight_body_bytes -= held
+            await self._checked(scope, receive, ex, headers, method, start)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else path)
-            elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(template, method, str(status_holder["status"])).inc()
-            self.metrics.request_latency.labels(template).observe(elapsed)
-            state = scope.get("state", {})
-            log.info("%s %s %s", method, template, status_holder["status"], extra={
-                "request_id": request_id, "method": method, "route": template, "status": status_holder["status"],
-                "latency_ms": round(elapsed * 1000, 2), "rows": state.get("rows"), "batch_size": state.get("batch_size"),
-                "provider": self._provider()})
+            self._account(scope, ex, method, start)
+
+    async def _checked(self, scope: Scope, receive: Callable[[], Any], ex: _Exchange, headers: dict[bytes, bytes],
+                       method: str, start: float) -> None:
+        """API key, then for POST routes with a body rule: content type, declared size, the in-flight budget."""
+        path = ex.path
+        if (self._key_digest is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
+                and not self._key_ok(headers)):
+            await ex.reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
+                           [(b"www-authenticate", b"Bearer")])
+            return
+        rule = self._rule(path) if method == "POST" else None
+        if rule is None:
+            await self._call_app(scope, ex.tracking(receive), ex)
+            return
+        ctype, limit = rule
+        got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype and got != ctype:
+            await ex.reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
+            return
+        declared = headers.get(b"content-length")
+        # not a plain length: uvicorn's parser has refused such a request already
+        reserved = int(declared) if declared is not None and _DECIMAL.fullmatch(declared) else 0
+        if reserved > limit:
+            await ex.reply(413, "payload_too_large", f"the request body is {reserved} bytes; the limit is {limit}")
+            return
+        # memory for bodies in flight is bounded: a declared length is reserved before anything is read
+        budget = self.settings.max_inflight_body_bytes
+        if reserved and self.inflight_body_bytes + reserved > budget:
+            await ex.reply(503, "overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
+                           f"{reserved} more would pass the limit of {budget}", [(b"retry-after", b"1"), (b"connection", b"close")])
+            return
+        guard = _BodyGuard(self, ex, receive, limit, reserved, start + self.settings.body_timeout_s)
+        try:
+            await self._call_app(scope, guard.receive, ex)
+        except BodyAborted as exc:
+            if not ex.started:
+                extra = [(b"connection", b"close")] + ([(b"retry-after", b"1")] if exc.status == 503 else [])
+                await ex.reply(exc.status, exc.code, exc.message, extra)
+        finally:
+            guard.release()
+
+    def _account(self, scope: Scope, ex: _Exchange, method: str, start: float) -> None:
+        """Metrics and the access log line: the same fields for every route and protocol."""
+        template = getattr(scope.get("route"), "path", None) or ("unmatched" if ex.status == 404 else ex.path)
+        elapsed = time.perf_counter() - start
+        self.metrics.requests.labels(template, method, str(ex.status)).inc()
+        self.metrics.request_latency.labels(template).observe(elapsed)
+        state = scope.get("state", {})
+        log.info("%s %s %s", method, template, ex.status, extra={
+            "request_id": ex.request_id, "method": method, "route": template, "status": ex.status,
+            "latency_ms": round(elapsed * 1000, 2), "rows": state.get("rows"), "batch_size": state.get("batch_size"),
+            "provider": self._provider()})
 
     def _provider(self) -> str | None:
         providers = self.pipeline.predictor.providers if self.pipeline is not None else []

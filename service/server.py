@@ -75,7 +75,9 @@ class Listen:
         except OSError as exc:
             sock.close()
             raise PortInUse(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        sock.listen(2048)
+        # no listen() here: uvicorn listens once the app has started, so the kernel routes no
+        # connection to a worker that is still loading its model (they would wait in its backlog,
+        # and be reset if it were told to stop before it served them)
         sock.set_inheritable(True)
         return sock
 
