@@ -95,12 +95,26 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     best_val, best_epoch, stale = -1.0, -1, 0
     log_path = out / "log.jsonl"
-    if dd.main:
+    first_epoch = 1
+    if resume is not None:
+        # everything the next epoch depends on: weights, Adam's moments, the schedule, the shuffling
+        # and dropout generators, early stopping; so the resumed run takes the steps the whole one would
+        extra = resume["extra"]
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and "scheduler" in extra:
+            sched.load_state_dict(extra["scheduler"])
+        rng.bit_generator.state = extra["np_rng"]
+        torch.set_rng_state(resume["torch_rng"])
+        best_val, best_epoch, stale = float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"])
+        first_epoch = int(extra["epoch"]) + 1
+        log.info("resuming %s after epoch %d", out, first_epoch - 1)
+    elif dd.main:
         log_path.write_text("")
     t0 = time.time()
-    epoch = 0
+    epoch = first_epoch - 1
     show_bars = cfg.progress and dd.main and sys.stderr.isatty()  # no bars in log files
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         trained.train()
         order = dd.shard(rng.permutation(len(tr.targets)))  # same permutation on every rank
         total, correct, loss_sum = 0, 0, 0.0
@@ -130,6 +144,8 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
                         if len(va.targets) else float("nan"))
             row = {"epoch": epoch, "train_loss": loss_sum / total_f, "train_acc": correct_f / total_f,
                    "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1), "world_size": dd.world}
+            if resume is not None:
+                row["resumed_after_epoch"] = first_epoch - 1
             with log_path.open("a") as f:
                 f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,

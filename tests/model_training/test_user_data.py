@@ -129,6 +129,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_data: Path, tmp_path: Pa
     whole = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     cut = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in cut] == [1, 2, 3]
+    # epoch 1 was trained once, by the first run; the resumed run trained only 2 and 3
+    assert [r.get("resumed_after_epoch") for r in cut] == [None, 1, 1]
     for a, b in zip(whole, cut, strict=True):  # the same losses epoch by epoch, the same weights at the end
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6) and a["val_acc"] == b["val_acc"]
     wa = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["state_dict"]
