@@ -16,8 +16,8 @@ from typing import Any
 
 from . import jsonsafe
 from .config import add_config_flags, resolve_config
-from .data import load_data
-from .train import train
+from .data import scan
+from .train import spec_of, train
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base.out_dir == "runs/fused":
         base.out_dir = "runs/ablation"
     root = Path(base.out_dir)
-    data = load_data(base.data, base.model.image_size, base.seed, base.label_key, base.label_map,
-                     base.val_frac, base.test_frac, base.group_key)
+    index = scan(spec_of(base))  # one metadata pass for the three runs
     results: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         cfg = copy.deepcopy(base)
         cfg.model.mode = mode
         cfg.out_dir = str(root / mode)
-        results[mode] = train(cfg, data)
+        results[mode] = train(cfg, index)
         log.info("%s: test accuracy %.4f", mode, results[mode]["test_acc"])
     with_paper = is_builtin(base.data)
     table = write_table(results, root / "ablation.md", with_paper)

@@ -44,6 +44,9 @@ class TrainConfig:
     test_frac: float = 0.1
     threads: int = 0  # torch intra-op threads; 0 = all cores (divided among ranks under torchrun)
     device: str = "auto"  # auto (CUDA if available) | cuda | cpu
+    amp: str = "auto"  # mixed precision: auto (bfloat16 on CUDA, off on CPU) | bf16 | off
+    workers: int = 2  # DataLoader processes reading and decoding images; 0 = in the training process
+    shuffle_buffer: int = 10000  # samples' metadata shuffled in a bounded buffer (after the shard order is shuffled)
     progress: bool = True  # tqdm bars
     resume: str | None = None  # a run folder: continue from its last.pt (model, optimizer, epoch, generators)
     model: ModelConfig = field(default_factory=ModelConfig)

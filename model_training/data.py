@@ -1,9 +1,11 @@
-"""Dataset readers: img2dataset-style WebDataset shards and CSV/JSONL manifests.
+"""Dataset readers: img2dataset-style WebDataset shards and CSV/JSONL manifests, read lazily.
 
-Every reader yields ``Sample`` records and counts what it had to skip, with the reason,
-in a ``SkipReport``: a corrupt shard, a sample without image or caption, an image that
-does not decode, a label that cannot be found. Images are decoded with the service's
-``load_image`` so training sees exactly the pixels serving will.
+A reader yields ``Sample`` records that carry metadata (key, caption, label, group) and a way
+to read the image: the bytes are read only for the samples a loader worker decodes, so a pass
+over the metadata (labels, counts, tokenizer captions) never holds images and a worker never
+reads another worker's images. What a reader has to skip is counted with its reason in a
+``SkipReport``. Images are decoded with ``classifier_core.images.load_image``, so training sees
+exactly the pixels serving will.
 """
 
 from __future__ import annotations
@@ -12,33 +14,41 @@ import csv
 import hashlib
 import json
 import logging
+import os
+import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-
-import numpy as np
-
-from classifier_core.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TRAIN_MAX_PIXELS = 100_000_000  # a training sample bigger than this is skipped, not decoded
+TOKENIZER_CAPTIONS = 200_000  # the tokenizer learns from at most this many training captions (a seeded sample)
 
 
 class DataError(ValueError):
     """A mistake in the data or how it was named: training stops with this one line."""
 
 
+class TruncatedImage(OSError):
+    """The image's bytes end early (a shard cut off inside it)."""
+
+
 @dataclass
 class Sample:
     key: str
-    image: bytes
     caption: str
     label: str
-    group: str | None = None  # --group-key: samples of one group share a split
+    group: str | None  # --group-key: samples of one group share a split
+    read: Callable[[], bytes]  # the image's bytes, read only when the sample is decoded
+
+    @property
+    def image(self) -> bytes:
+        return self.read()
 
 
 @dataclass
@@ -46,9 +56,13 @@ class SkipReport:
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
+    def skip(self, reason: str, where: str, n: int = 1) -> None:
+        self.counts[reason] += n
         self.examples.setdefault(reason, where)
+
+    def merge(self, other: SkipReport) -> None:
+        for reason, n in other.counts.items():
+            self.skip(reason, other.examples.get(reason, "?"), n)
 
     @property
     def total(self) -> int:
@@ -73,6 +87,60 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:  # a shard cut off inside this member
+        raise TruncatedImage(f"{path}: {size - len(data)} bytes missing at {offset}")
+    return data
+
+
+def _tar_groups(shard: Path, report: SkipReport) -> Iterator[tuple[str, dict[str, Callable[[], bytes]]]]:
+    """(key, {ext: reader}) for each run of members that share a key, as img2dataset writes them.
+
+    An uncompressed shard is read by offsets: a member's bytes are read only when asked for.
+    A compressed one cannot be seeked cheaply, so its members are read as they pass.
+    """
+    try:
+        tar = tarfile.open(shard, "r:*")  # noqa: SIM115 (closed by the with below; opening can fail on its own)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        report.skip(f"corrupt shard ({type(exc).__name__})", str(shard))
+        return
+    plain = tar.fileobj is not None and type(tar.fileobj).__name__ in ("BufferedReader", "FileIO")
+    file_size = os.path.getsize(shard)
+    key: str | None = None
+    parts: dict[str, Callable[[], bytes]] = {}
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                k, _, ext = name.partition(".")
+                if k != key and parts:
+                    assert key is not None
+                    yield key, parts
+                    parts = {}
+                key = k
+                if plain and member.offset_data + member.size > file_size:
+                    raise EOFError(f"{member.name} is truncated")
+                if plain:
+                    parts[ext.lower()] = partial(_read_range, shard, member.offset_data, member.size)
+                else:
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:  # tarfile reads a cut-off member short, silently
+                        raise EOFError(f"{member.name} is truncated")
+                    parts[ext.lower()] = partial(bytes, data)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            # keep what was read before the damage (the damaged sample is dropped); count the shard
+            report.skip(f"corrupt shard ({type(exc).__name__})", str(shard))
+            return
+    if parts and key is not None:
+        yield key, parts
+
+
 def read_webdataset(
     shards: Sequence[str | Path],
     report: SkipReport,
@@ -85,25 +153,7 @@ def read_webdataset(
     The label is ``label_map[key]`` when a map is given, else ``json[label_key]``.
     """
     for shard in _expand(shards):
-        groups: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(shard, "r:*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = Path(member.name).name
-                    key, _, ext = name.partition(".")
-                    f = tar.extractfile(member)
-                    if f is None:
-                        continue
-                    data = f.read()
-                    if len(data) != member.size:  # tarfile reads a cut-off member short, silently
-                        raise EOFError(f"{member.name} is truncated")
-                    groups.setdefault(key, {})[ext.lower()] = data
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            # keep what was read before the damage; count the shard
-            report.skip(f"corrupt shard ({type(exc).__name__})", str(shard))
-        for key, parts in groups.items():
+        for key, parts in _tar_groups(shard, report):
             img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
             if img_ext is None:
                 report.skip("no image file", f"{shard}:{key}")
@@ -112,10 +162,13 @@ def read_webdataset(
                 report.skip("no caption (.txt)", f"{shard}:{key}")
                 continue
             try:
-                meta = json.loads(parts.get("json", b"{}"))
+                meta = json.loads(parts["json"]()) if "json" in parts else {}
             except (json.JSONDecodeError, UnicodeDecodeError):
                 report.skip("bad .json metadata", f"{shard}:{key}")
                 continue
+            except OSError:
+                report.skip("corrupt shard (EOFError)", str(shard))
+                break
             meta = meta if isinstance(meta, dict) else {}
             status = meta.get("status")
             if status is not None and status != "success":  # img2dataset keeps failed downloads' metadata
@@ -125,9 +178,13 @@ def read_webdataset(
             if label is None or str(label) == "":
                 report.skip("no label", f"{shard}:{key}")
                 continue
-            caption = parts["txt"].decode("utf-8", errors="replace").strip()
+            try:
+                caption = parts["txt"]().decode("utf-8", errors="replace").strip()
+            except OSError:
+                report.skip("corrupt shard (EOFError)", str(shard))
+                break
             group = meta.get(group_key) if group_key else None
-            yield Sample(key, parts[img_ext], caption, str(label), None if group is None else str(group))
+            yield Sample(key, caption, str(label), None if group is None else str(group), parts[img_ext])
 
 
 def read_manifest(path: str | Path, report: SkipReport, group_key: str | None = None) -> Iterator[Sample]:
@@ -168,14 +225,12 @@ def read_manifest(path: str | Path, report: SkipReport, group_key: str | None = 
             report.skip("missing image or label field", f"{path}:{n}")
             continue
         img_path = (path.parent / str(image)).resolve()
-        try:
-            data = img_path.read_bytes()
-        except OSError:
+        if not img_path.is_file():
             report.skip("image file missing", str(img_path))
             continue
         group = row.get(group_key) if group_key else None
         key = Path(str(image)).as_posix()
-        yield Sample(key, data, str(caption), str(label), None if group in (None, "") else str(group))
+        yield Sample(key, str(caption), str(label), None if group in (None, "") else str(group), img_path.read_bytes)
 
 
 def check_sources(sources: Sequence[str | Path]) -> list[Path]:
@@ -220,108 +275,79 @@ def split_of(key: str, seed: int, val_frac: float = 0.1, test_frac: float = 0.1)
 
 
 @dataclass
-class DecodedSplit:
-    keys: list[str]
-    images: np.ndarray  # uint8 [N, S, S, 3]
-    captions: list[str]
-    labels: list[str]
+class DataSpec:
+    """Which samples a run reads and how they are split: everything a reader needs, nothing decoded."""
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    sources: list[str]
+    seed: int = 0
+    label_key: str = "label"
+    label_map: str | None = None
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    group_key: str | None = None
 
-
-def decode_split(samples: Iterable[Sample], image_size: int, report: SkipReport) -> DecodedSplit:
-    keys, images, captions, labels = [], [], [], []
-    for s in samples:
-        try:
-            arr = load_image(s.image, image_size, TRAIN_MAX_PIXELS)
-        except ImageError as exc:
-            report.skip(f"image not decodable ({exc.code})", s.key)
-            continue
-        keys.append(s.key)
-        images.append(arr)
-        captions.append(s.caption)
-        labels.append(s.label)
-    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return DecodedSplit(keys, stacked, captions, labels)
+    def samples(self, report: SkipReport) -> Iterator[tuple[str, Sample]]:
+        """(split, sample) for every readable sample, in source order."""
+        for s in read_any(self.sources, report, self.label_key, self.label_map, self.group_key):
+            yield split_of(s.group if s.group is not None else s.key, self.seed, self.val_frac, self.test_frac), s
 
 
 @dataclass
-class LoadedData:
-    splits: dict[str, DecodedSplit]
+class DataIndex:
+    """What one pass over the metadata found: labels, counts per split, captions for the tokenizer."""
+
+    labels: list[str]  # sorted label names of the training split; index = class id
+    counts: dict[str, int]  # usable samples per split (before image decoding)
     report: SkipReport
-    labels: list[str]  # sorted label names; index = class id
-    duplicates_across_splits: int = 0  # identical decoded images in more than one split
+    captions: list[str]  # training captions for the tokenizer (a seeded sample of at most TOKENIZER_CAPTIONS)
 
 
-def load_data(
-    sources: Sequence[str | Path],
-    image_size: int,
-    seed: int,
-    label_key: str = "label",
-    label_map_path: str | None = None,
-    val_frac: float = 0.1,
-    test_frac: float = 0.1,
-    group_key: str | None = None,
-    require_splits: bool = True,
-) -> LoadedData:
+def scan(spec: DataSpec, require_splits: bool = True, max_captions: int = TOKENIZER_CAPTIONS) -> DataIndex:
+    """One pass over metadata only (no image is read): memory grows with the number of labels, not samples."""
     report = SkipReport()
-    buckets: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    seen: set[str] = set()
-    for s in read_any(sources, report, label_key, label_map_path, group_key):
-        if s.key in seen:
-            report.skip("duplicate key", s.key)
-            continue
-        seen.add(s.key)
-        # with --group-key, a group (a source photo, an item id) lands in one split whole
-        buckets[split_of(s.group if s.group is not None else s.key, seed, val_frac, test_frac)].append(s)
-    splits = {name: decode_split(b, image_size, report) for name, b in buckets.items()}
-    labels = sorted(set(splits["train"].labels))
-    # a label never seen in training cannot be predicted; keep such samples out of val/test
+    per_split: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
+    captions: list[str] = []
+    rng = random.Random(spec.seed)
+    seen = 0
+    for split, s in spec.samples(report):
+        per_split[split][s.label] += 1
+        if split == "train":  # reservoir sampling: a uniform sample of the captions, whatever their number
+            seen += 1
+            if len(captions) < max_captions:
+                captions.append(s.caption)
+            else:
+                j = rng.randrange(seen)
+                if j < max_captions:
+                    captions[j] = s.caption
+    labels = sorted(per_split["train"])
+    counts = {"train": sum(per_split["train"].values())}
     for name in ("val", "test"):
-        sp = splits[name]
-        keep = [i for i, lab in enumerate(sp.labels) if lab in labels]
-        for i in set(range(len(sp))) - set(keep):
-            report.skip("label not in the training split", sp.keys[i])
-        splits[name] = DecodedSplit([sp.keys[i] for i in keep], sp.images[keep] if len(sp) else sp.images,
-                                    [sp.captions[i] for i in keep], [sp.labels[i] for i in keep])
-    log.info(report.summary())
-    data = LoadedData(splits, report, labels)
-    data.duplicates_across_splits = duplicates_across_splits(splits)
-    if data.duplicates_across_splits:
-        log.warning("%d decoded images appear in more than one split: test accuracy partly measures memory "
-                    "(near-duplicates? split by a source with --group-key)", data.duplicates_across_splits)
+        # a label never seen in training cannot be predicted; such samples stay out of val/test
+        unseen = sum(n for lab, n in per_split[name].items() if lab not in per_split["train"])
+        if unseen:
+            report.skip("label not in the training split", f"{name} split", unseen)
+        counts[name] = sum(per_split[name].values()) - unseen
+    log.info("%s: %s samples (train/val/test), %d labels", ", ".join(spec.sources),
+             "/".join(str(counts[k]) for k in ("train", "val", "test")), len(labels))
+    index = DataIndex(labels, counts, report, captions)
     if require_splits:
-        check_splits(data, sources)
-    return data
+        check_splits(index, spec.sources)
+    return index
 
 
-def duplicates_across_splits(splits: dict[str, DecodedSplit]) -> int:
-    """Decoded images (identical pixels) found in more than one split."""
-    seen: dict[bytes, str] = {}
-    shared = 0
-    for name, sp in splits.items():
-        for img in sp.images:
-            digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-            other = seen.setdefault(digest, name)
-            if other != name:
-                shared += 1
-    return shared
-
-
-def check_splits(data: LoadedData, sources: Sequence[str | Path]) -> None:
+def check_splits(index: DataIndex, sources: Sequence[str | Path]) -> None:
     """Data that cannot train a classifier or measure it is an error, not a model with accuracy 1.0 or NaN."""
     where = ", ".join(str(s) for s in sources)
-    n_train = len(data.splits["train"])
+    n_train = index.counts["train"]
     if n_train == 0:
-        raise DataError(f"no usable training samples in {where}\n{data.report.summary()}")
-    if len(data.labels) < 2:
-        raise DataError(f"{where}: the training split has {len(data.labels)} label(s) ({', '.join(data.labels)}); "
+        raise DataError(f"no usable training samples in {where}\n{index.report.summary()}")
+    if len(index.labels) < 2:
+        raise DataError(f"{where}: the training split has {len(index.labels)} label(s) ({', '.join(index.labels)}); "
                         "a classifier needs at least 2")
-    if len(data.labels) * 2 > n_train:
-        raise DataError(f"{where}: {len(data.labels)} labels for {n_train} training samples; each label needs a few "
+    if len(index.labels) * 2 > n_train:
+        raise DataError(f"{where}: {len(index.labels)} labels for {n_train} training samples; each label needs a few "
                         "examples (is the label column an id?)")
     for name in ("val", "test"):
-        if len(data.splits[name]) == 0:
+        if index.counts[name] == 0:
             raise DataError(f"{where}: the {name} split is empty (too few samples, or no {name} sample has a label "
                             "seen in training); add data or raise --val-frac/--test-frac")

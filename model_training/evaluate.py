@@ -76,36 +76,48 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
 
 
 def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Path | None) -> dict[str, Any]:
-    from .data import load_data
+    """Accuracy, per-class figures and a confusion matrix, streaming the split in chunks (bounded memory)."""
+    from .data import DataSpec, SkipReport
+    from .stream import chunks
 
     path = Path(target)
+    predict: Any
     if path.is_dir():  # exported artifact
         from classifier_core.artifact import load_manifest
 
         manifest = load_manifest(path)
-        image_size = manifest.image_size
-        seed = manifest.data.get("seed", 0) if seed is None else seed
-        fracs = manifest.data.get("val_frac", 0.1), manifest.data.get("test_frac", 0.1)
-        loaded = load_data(data, image_size, int(seed), manifest.data.get("label_key", "label"), None, *fracs,
-                           manifest.data.get("group_key"), require_splits=False)
-        sp = loaded.splits[split]
-        probs, labels = onnx_predict(path, sp.images, sp.captions)
+        image_size, labels, d = manifest.image_size, list(manifest.labels), manifest.data
+        seed = int(d.get("seed", 0) if seed is None else seed)
+        spec = DataSpec(data, seed, d.get("label_key", "label"), None, d.get("val_frac", 0.1), d.get("test_frac", 0.1),
+                        d.get("group_key"))
+
+        def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
+            return onnx_predict(path, images, captions)[0]
     else:  # checkpoint
+        import torch
+
         from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
-        from .tensors import predict_probs, to_tensors
+        from .tensors import Tensors, predict_probs
 
         model, ckpt = load_checkpoint(path)
-        tc = ckpt["train_config"]
-        seed = tc["seed"] if seed is None else seed
-        loaded = load_data(data, model.cfg.image_size, int(seed), tc["label_key"], tc["label_map"],
-                           tc["val_frac"], tc["test_frac"], tc.get("group_key"), require_splits=False)
-        labels = list(ckpt["labels"])
-        sp = loaded.splits[split]
-        probs = predict_probs(model, to_tensors(sp, text_encoder_from_checkpoint(ckpt), labels))
+        tc, labels, image_size = ckpt["train_config"], list(ckpt["labels"]), model.cfg.image_size
+        seed = int(tc["seed"] if seed is None else seed)
+        spec = DataSpec(data, seed, tc["label_key"], tc["label_map"], tc["val_frac"], tc["test_frac"], tc.get("group_key"))
+        text = text_encoder_from_checkpoint(ckpt)
+
+        def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
+            ids = [e.ids for e in text.encode_batch(captions)]
+            return predict_probs(model, Tensors(torch.from_numpy(images), ids, torch.zeros(len(ids), dtype=torch.long)))
     index = {lab: i for i, lab in enumerate(labels)}
-    y_true = np.array([index[x] for x in sp.labels], dtype=np.int64)
-    report = classification_report(y_true, probs.argmax(-1), labels)
-    report.update({"target": str(target), "split": split, "seed": seed, "skipped": loaded.report.to_dict()})
+    skipped = SkipReport()
+    y_true: list[np.ndarray] = []
+    y_pred: list[np.ndarray] = []
+    for c in chunks(spec, split, labels, image_size, report=skipped):
+        y_true.append(np.array([index[x] for x in c.labels], dtype=np.int64))
+        y_pred.append(predict(c.images, c.captions).argmax(-1))
+    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
+    report = classification_report(cat(y_true), cat(y_pred), labels)
+    report.update({"target": str(target), "split": split, "seed": seed, "skipped": skipped.to_dict()})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(jsonsafe.dumps(report, indent=2))

@@ -42,6 +42,8 @@ INPUTS = [("image", "uint8"), ("input_ids", "int64")]
 OUTPUTS = [("probabilities", "float32"), ("text_attention", "float32")]
 PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 7, 32)
+PARITY_SAMPLES = 512  # test samples the parity check runs at each batch size
+EXPORT_TEST_SAMPLES = 4096  # test samples decoded for the report in the artifact (metrics.json has the whole split)
 
 
 class ExportError(RuntimeError):
@@ -103,7 +105,7 @@ def export_artifact(
     extra_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
-    from .data import load_data
+    from .data import DataSpec, SkipReport
     from .evaluate import classification_report, plot_confusion
     from .tensors import predict_probs, to_tensors
 
@@ -114,9 +116,15 @@ def export_artifact(
     text: TextEncoder = text_encoder_from_checkpoint(ckpt)
     labels = list(ckpt["labels"])
     sources = data or tc["data"]
-    loaded = load_data(sources, model.cfg.image_size, tc["seed"], tc["label_key"], tc["label_map"],
-                       tc["val_frac"], tc["test_frac"], tc.get("group_key"), require_splits=False)
-    test = loaded.splits["test"]
+    from .stream import collect
+
+    spec = DataSpec(list(sources), tc["seed"], tc["label_key"], tc["label_map"], tc["val_frac"], tc["test_frac"],
+                    tc.get("group_key"))
+    skipped = SkipReport()
+    # the test split is held decoded for the parity check and the report: at most EXPORT_TEST_SAMPLES of it
+    test = collect(spec, "test", labels, model.cfg.image_size, limit=EXPORT_TEST_SAMPLES, report=skipped)
+    run_metrics = Path(checkpoint).with_name("metrics.json")
+    trained = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
     if len(test) == 0:
         raise ExportError("the test split is empty: nothing to check parity or accuracy on")
     tensors = to_tensors(test, text, labels)
@@ -129,7 +137,8 @@ def export_artifact(
         import onnx
 
         onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
-        parity = check_parity(wrapper, onnx_path, test.images, tensors.ids, text.max_len, text.vocab_size)
+        parity = check_parity(wrapper, onnx_path, test.images[:PARITY_SAMPLES], tensors.ids[:PARITY_SAMPLES],
+                              text.max_len, text.vocab_size)
         log.info("parity (max abs diff): %s", parity)
         if parity["max"] > PARITY_ATOL:
             raise ExportError(f"onnxruntime vs torch parity failed: max abs diff {parity['max']:.2e} > {PARITY_ATOL:.0e} ({parity})")
@@ -174,10 +183,10 @@ def export_artifact(
                               "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
                               "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
             "data": {"sources": [str(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
-                     "group_key": tc.get("group_key"), "duplicates_across_splits": loaded.duplicates_across_splits,
+                     "group_key": tc.get("group_key"), "duplicates_across_splits": trained.get("duplicates_across_splits"),
                      "val_frac": tc["val_frac"], "test_frac": tc["test_frac"],
-                     "n": {s: len(loaded.splits[s]) for s in ("train", "val", "test")},
-                     "skipped": loaded.report.to_dict(), "dataset": dataset_info},
+                     "n": {s: trained.get(f"n_{s}") for s in ("train", "val", "test")} | {"test_checked": len(test)},
+                     "skipped": trained.get("skipped", skipped.to_dict()), "dataset": dataset_info},
             "metrics": metrics,
             "parity": parity,
             "training": {"best_epoch": ckpt["extra"].get("epoch"), "val_acc": ckpt["extra"].get("val_acc"),

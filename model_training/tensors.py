@@ -1,4 +1,4 @@
-"""Decoded splits as tensors, batching, and batched prediction: shared by train, evaluate and export."""
+"""Decoded samples in memory as tensors, batching, and batched prediction: for evaluate and export."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from classifier_core.text import TextEncoder, pad_ids
 
-from .data import DecodedSplit
 from .model import FusedClassifier
+from .stream import Collected
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Tensors:
     targets: torch.Tensor  # int64 [N]
 
 
-def to_tensors(split: DecodedSplit, text: TextEncoder, labels: list[str]) -> Tensors:
+def to_tensors(split: Collected, text: TextEncoder, labels: list[str]) -> Tensors:
     index = {lab: i for i, lab in enumerate(labels)}
     ids = [e.ids for e in text.encode_batch(split.captions)] if len(split) else []
     return Tensors(torch.from_numpy(split.images), ids, torch.tensor([index[x] for x in split.labels], dtype=torch.long))

@@ -1,18 +1,23 @@
 """Training: Adam, lr 1e-3, batch 32 (the paper's settings), early stopping on validation.
 
-The run folder gets ``config.yaml`` (resolved), ``tokenizer.json``, ``log.jsonl`` (one
-line per epoch), ``best.pt`` (best validation accuracy), ``metrics.json`` and
-``skipped.json`` (what the readers skipped and why).
+Data is streamed (``stream.py``): one pass over metadata finds the labels and trains the
+tokenizer, then every epoch reads, decodes and batches in ``DataLoader`` workers; memory does
+not grow with the dataset. The run folder gets ``config.yaml`` (resolved), ``tokenizer.json``,
+``log.jsonl`` (one line per epoch), ``best.pt`` (best validation accuracy), ``last.pt`` (to
+resume), ``metrics.json`` and ``skipped.json`` (what the readers skipped and why).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +33,9 @@ from . import distributed, jsonsafe
 from .augment import augment
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
-from .data import DataError, LoadedData, load_data
-from .model import build_model
-from .tensors import accuracy, iterate, predict_probs, to_tensors
+from .data import DataError, DataIndex, DataSpec, SkipReport, scan
+from .model import FusedClassifier, build_model
+from .stream import SplitStream, StreamConfig, loader
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,134 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
+def spec_of(cfg: TrainConfig) -> DataSpec:
+    return DataSpec(list(cfg.data), cfg.seed, cfg.label_key, cfg.label_map, cfg.val_frac, cfg.test_frac, cfg.group_key)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 mixed precision: on CUDA by default (``--amp auto``), on CPU only when asked (``--amp bf16``)."""
+    on = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if cfg.amp not in ("auto", "bf16", "off"):
+        raise DataError(f"--amp must be auto, bf16 or off, not {cfg.amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@dataclass
+class SplitResult:
+    """Predictions over one whole split, streamed: a few numbers per sample, never the images."""
+
+    targets: np.ndarray
+    preds: np.ndarray
+    logp: np.ndarray  # log-probability of the true class
+    digests: np.ndarray
+    skipped: SkipReport
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.preds == self.targets).mean()) if len(self.targets) else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return float(-self.logp.mean()) if len(self.targets) else float("nan")
+
+
+@torch.no_grad()
+def predict_split(model: FusedClassifier, spec: DataSpec, split: str, labels: list[str], tok_json: str,
+                  cfg: TrainConfig, device: torch.device, batch_size: int = 256) -> SplitResult:
+    model.eval()
+    stream = SplitStream(spec, split, labels, tok_json, StreamConfig(cfg.model.image_size, batch_size, cfg.max_len))
+    parts: dict[str, list[np.ndarray]] = {"targets": [], "preds": [], "logp": [], "digests": []}
+    skipped = SkipReport()
+    for b in loader(stream, cfg.workers, pin_memory=device.type == "cuda"):
+        for reason, n in b["skipped"].items():
+            skipped.skip(reason, f"{split} split", n)
+        if len(b["targets"]) == 0:
+            continue
+        with autocast(cfg, device):
+            logits, _ = model(b["images"].to(device, non_blocking=True), b["ids"].to(device, non_blocking=True))
+        logp = torch.log_softmax(logits.float(), -1).cpu()
+        parts["targets"].append(b["targets"].numpy())
+        parts["preds"].append(logp.argmax(-1).numpy())
+        parts["logp"].append(logp.gather(1, b["targets"][:, None])[:, 0].numpy())
+        parts["digests"].append(b["digests"].numpy())
+    cat = {k: np.concatenate(v) if v else np.zeros(0, np.float32 if k == "logp" else np.int64) for k, v in parts.items()}
+    return SplitResult(cat["targets"], cat["preds"], cat["logp"], cat["digests"], skipped)
+
+
+def duplicates_across_splits(results: dict[str, SplitResult]) -> int:
+    """Samples whose decoded pixels also appear in another split (memory: the val and test digests only)."""
+    held = {s: set(results[s].digests.tolist()) for s in ("val", "test")}
+    shared = sum(1 for d in results["train"].digests.tolist() if d in held["val"] or d in held["test"])
+    return shared + sum(1 for d in results["val"].digests.tolist() if d in held["test"])
+
+
+def setup_text(cfg: TrainConfig, index: DataIndex, resume: dict[str, Any] | None, dd: distributed.Dist) -> TextEncoder:
+    """One tokenizer for all ranks: rank 0 trains it (or a resumed run reads its own), the others receive it."""
+    from tokenizers import Tokenizer
+
+    if resume is not None:
+        tok_json = str(resume["tokenizer"])
+    else:
+        tok_json = dd.broadcast_str(train_tokenizer(index.captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
+                                    if dd.main else None)
+    return TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
+
+
+@dataclass
+class Progress:
+    """What early stopping and resuming need besides the weights."""
+
+    epoch: int = 0  # the last finished epoch
+    best_val: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+
+
+def train_epoch(cfg: TrainConfig, epoch: int, trained: torch.nn.Module, opt: torch.optim.Optimizer,
+                spec: DataSpec, index: DataIndex, tok_json: str, dd: distributed.Dist) -> tuple[float, float, float]:
+    """One pass over this rank's share of the training split; (loss sum, correct, count) of this rank."""
+    trained.train()
+    limit = index.counts["train"] // dd.world * dd.world if dd.enabled else None  # equal steps on every rank
+    stream = SplitStream(spec, "train", index.labels, tok_json,
+                         StreamConfig(cfg.model.image_size, cfg.batch_size, cfg.max_len, epoch=epoch, shuffle=True,
+                                      buffer=cfg.shuffle_buffer, rank=dd.rank, world=dd.world, limit=limit))
+    steps = math.ceil((limit or index.counts["train"]) / dd.world / cfg.batch_size)
+    show = cfg.progress and dd.main and sys.stderr.isatty()  # no bars in log files
+    bar = tqdm(loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda"), total=steps,
+               desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not show, leave=False)
+    total, correct, loss_sum = 0, 0, 0.0
+    # a rank whose share lost an image or two to decoding takes fewer steps: Join keeps DDP's collectives matched
+    join: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if dd.enabled:
+        from torch.distributed.algorithms.join import Join
+
+        join = Join([trained])  # type: ignore[list-item]
+    t0 = time.perf_counter()
+    with join:
+        for b in bar:
+            if len(b["targets"]) == 0:
+                continue
+            if total == 0 and dd.main:
+                log.info("epoch %d: first batch after %.2f s", epoch, time.perf_counter() - t0)
+            img = augment(b["images"]) if cfg.augment else b["images"]
+            img, ids, y = (t.to(dd.device, non_blocking=True) for t in (img, b["ids"], b["targets"]))
+            with autocast(cfg, dd.device):
+                logits, _ = trained(img, ids)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients of all ranks here
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+            bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    return loss_sum, correct, total
+
+
+def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     """Train one model as configured; returns the run's summary (also in metrics.json).
 
-    Under torchrun each rank trains on its shard with DistributedDataParallel; only rank 0
+    Under torchrun each rank trains on its share with DistributedDataParallel; only rank 0
     writes files and logs, and only rank 0's return value is the summary.
     """
     dd = distributed.setup(cfg.device)
@@ -54,34 +183,21 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
+    if cfg.schedule not in ("constant", "cosine"):
+        raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
+    spec = spec_of(cfg)
+    if index is None:
+        index = scan(spec)
+    if resume is not None and list(resume["labels"]) != index.labels:
+        raise DataError(f"--resume {cfg.resume}: its labels {resume['labels']} differ from the data's {index.labels}")
+    text = setup_text(cfg, index, resume, dd)
+    tok_json = text.tokenizer.to_str()  # type: ignore[attr-defined]
+    cfg.model.num_classes, cfg.model.vocab_size, cfg.model.pad_id = len(index.labels), text.vocab_size, text.pad_id
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-    if data is None:
-        data = load_data(cfg.data, cfg.model.image_size, cfg.seed, cfg.label_key, cfg.label_map,
-                         cfg.val_frac, cfg.test_frac, cfg.group_key)
-    if resume is not None and list(resume["labels"]) != data.labels:
-        raise DataError(f"--resume {cfg.resume}: its labels {resume['labels']} differ from the data's {data.labels}")
-
-    # one tokenizer for all ranks: rank 0 trains it (or a resumed run reads its own), the others receive it
-    from tokenizers import Tokenizer
-
-    if resume is not None:
-        tok_json = str(resume["tokenizer"])
-    else:
-        tok_json = dd.broadcast_str(train_tokenizer(data.splits["train"].captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
-                                    if dd.main else None)
-    text = TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
-    cfg.model.num_classes = len(data.labels)
-    cfg.model.vocab_size = text.vocab_size
-    cfg.model.pad_id = text.pad_id
-    if dd.main:
-        (out / "skipped.json").write_text(jsonsafe.dumps(data.report.to_dict(), indent=2))
         text.tokenizer.save(str(out / "tokenizer.json"))
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-    tr, va, te = (to_tensors(data.splits[s], text, data.labels) for s in ("train", "val", "test"))
     model = build_model(cfg.model).to(dd.device)
     trained: torch.nn.Module = model
     if dd.enabled:
@@ -89,105 +205,101 @@ def train(cfg: TrainConfig, data: LoadedData | None = None) -> dict[str, Any]:
 
         trained = DistributedDataParallel(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
     opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule not in ("constant", "cosine"):
-        raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
-    rng = np.random.default_rng(cfg.seed)
-    best_val, best_epoch, stale = -1.0, -1, 0
+    prog = Progress()
     log_path = out / "log.jsonl"
-    first_epoch = 1
     if resume is not None:
-        # everything the next epoch depends on: weights, Adam's moments, the schedule, the shuffling
-        # and dropout generators, early stopping; so the resumed run takes the steps the whole one would
+        # everything the next epoch depends on: weights, Adam's moments, the schedule, the dropout and
+        # augmentation generator, early stopping (the data order is a function of seed and epoch)
         extra = resume["extra"]
         model.load_state_dict(resume["state_dict"])
         opt.load_state_dict(resume["optimizer"])
         if sched is not None and "scheduler" in extra:
             sched.load_state_dict(extra["scheduler"])
-        rng.bit_generator.state = extra["np_rng"]
         torch.set_rng_state(resume["torch_rng"])
-        best_val, best_epoch, stale = float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"])
-        first_epoch = int(extra["epoch"]) + 1
-        log.info("resuming %s after epoch %d", out, first_epoch - 1)
+        prog = Progress(int(extra["epoch"]), float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"]))
+        log.info("resuming %s after epoch %d", out, prog.epoch)
     elif dd.main:
         log_path.write_text("")
+    resumed_after = prog.epoch if resume is not None else None
     t0 = time.time()
-    epoch = first_epoch - 1
-    show_bars = cfg.progress and dd.main and sys.stderr.isatty()  # no bars in log files
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        trained.train()
-        order = dd.shard(rng.permutation(len(tr.targets)))  # same permutation on every rank
-        total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(iterate(tr, cfg.batch_size, order), total=-(-len(order) // cfg.batch_size),
-                   desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not show_bars, leave=False)
-        for img, ids, y in bar:
-            if cfg.augment:
-                img = augment(img)
-            img, ids, y = img.to(dd.device), ids.to(dd.device), y.to(dd.device)
-            logits, _ = trained(img, ids)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients of all ranks here
-            opt.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            total += len(y)
-            bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    for epoch in range(prog.epoch + 1, cfg.epochs + 1):
+        loss_sum, correct, total = dd.sum(*train_epoch(cfg, epoch, trained, opt, spec, index, tok_json, dd))
         if sched is not None:
             sched.step()
-        loss_sum, correct_f, total_f = dd.sum(loss_sum, correct, total)
+        prog.epoch = epoch
         stop = False
         if dd.main:
-            val_probs = predict_probs(model, va)
-            val_acc = accuracy(val_probs, va.targets)
-            val_loss = (float(F.nll_loss(torch.log(torch.from_numpy(val_probs) + 1e-12), va.targets))
-                        if len(va.targets) else float("nan"))
-            row = {"epoch": epoch, "train_loss": loss_sum / total_f, "train_acc": correct_f / total_f,
-                   "val_loss": val_loss, "val_acc": val_acc, "seconds": round(time.time() - t0, 1), "world_size": dd.world}
-            if resume is not None:
-                row["resumed_after_epoch"] = first_epoch - 1
+            val = predict_split(model, spec, "val", index.labels, tok_json, cfg, dd.device)
+            row = {"epoch": epoch, "train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
+                   "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.time() - t0, 1),
+                   "world_size": dd.world}
+            if resumed_after is not None:
+                row["resumed_after_epoch"] = resumed_after
             with log_path.open("a") as f:
                 f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
-                     row["train_loss"], row["train_acc"], val_loss, val_acc)
-            # an empty val split (tiny data) falls back to keeping the latest epoch
-            score = val_acc if val_acc == val_acc else float(epoch)
-            if score > best_val:
-                best_val, best_epoch, stale = score, epoch, 0
-                save_checkpoint(out / "best.pt", model, data.labels, text, cfg,
-                                {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world})
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
-                    stop = True
-            # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
-            save_checkpoint(out / "last.pt", model, data.labels, text, cfg,
-                            {"epoch": epoch, "val_acc": val_acc, "world_size": dd.world, "best_val": best_val,
-                             "best_epoch": best_epoch, "stale": stale, "np_rng": rng.bit_generator.state,
-                             **({"scheduler": sched.state_dict()} if sched is not None else {})},
-                            optimizer=opt, rng=torch.get_rng_state())
+                     row["train_loss"], row["train_acc"], val.loss, val.accuracy)
+            stop = record_epoch(cfg, out, model, opt, sched, index, text, prog, val.accuracy, dd.world)
         if dd.broadcast_flag(stop):  # every rank stops at the same epoch
             break
 
-    summary: dict[str, Any] = {}
-    if dd.main:
-        best, _ = load_checkpoint(out / "best.pt")
-        summary = {
-            "mode": cfg.model.mode,
-            "best_epoch": best_epoch,
-            "epochs_run": epoch,
-            "world_size": dd.world,
-            "train_acc": accuracy(predict_probs(best, tr), tr.targets),
-            "val_acc": accuracy(predict_probs(best, va), va.targets),
-            "test_acc": accuracy(predict_probs(best, te), te.targets),
-            "n_train": len(tr.targets), "n_val": len(va.targets), "n_test": len(te.targets),
-            "skipped": data.report.to_dict(),
-            "seconds": round(time.time() - t0, 1),
-        }
-        (out / "metrics.json").write_text(jsonsafe.dumps(summary, indent=2))
-        log.info(data.report.summary())
+    summary = final_report(cfg, out, spec, index, tok_json, dd, t0) if dd.main else {}
     dd.barrier()
+    return summary
+
+
+def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch.optim.Optimizer, sched: Any,
+                 index: DataIndex, text: TextEncoder, prog: Progress, val_acc: float, world: int) -> bool:
+    """Checkpoints and early stopping after an epoch (rank 0); True to stop."""
+    stop = False
+    score = val_acc if val_acc == val_acc else float(prog.epoch)  # no val figure: keep the latest epoch
+    if score > prog.best_val:
+        prog.best_val, prog.best_epoch, prog.stale = score, prog.epoch, 0
+        save_checkpoint(out / "best.pt", model, index.labels, text, cfg,
+                        {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world})
+    else:
+        prog.stale += 1
+        if prog.stale >= cfg.patience:
+            log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
+            stop = True
+    # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
+    save_checkpoint(out / "last.pt", model, index.labels, text, cfg,
+                    {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "best_val": prog.best_val,
+                     "best_epoch": prog.best_epoch, "stale": prog.stale,
+                     **({"scheduler": sched.state_dict()} if sched is not None else {})},
+                    optimizer=opt, rng=torch.get_rng_state())
+    return stop
+
+
+def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, tok_json: str,
+                 dd: distributed.Dist, t0: float) -> dict[str, Any]:
+    """The best checkpoint on all three splits (streamed), the skips, and images shared between splits."""
+    best, ckpt = load_checkpoint(out / "best.pt")
+    best.to(dd.device)
+    results = {s: predict_split(best, spec, s, index.labels, tok_json, cfg, dd.device) for s in ("train", "val", "test")}
+    report = SkipReport()
+    report.merge(index.report)
+    for r in results.values():
+        report.merge(r.skipped)
+    dups = duplicates_across_splits(results)
+    if dups:
+        log.warning("%d decoded images appear in more than one split: test accuracy partly measures memory "
+                    "(near-duplicates? split by a source with --group-key)", dups)
+    summary: dict[str, Any] = {
+        "mode": cfg.model.mode,
+        "best_epoch": int(ckpt["extra"]["epoch"]),
+        "epochs_run": len((out / "log.jsonl").read_text().splitlines()),
+        "world_size": dd.world,
+        **{f"{s}_acc": results[s].accuracy for s in ("train", "val", "test")},
+        **{f"n_{s}": len(results[s].targets) for s in ("train", "val", "test")},
+        "duplicates_across_splits": dups,
+        "skipped": report.to_dict(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "metrics.json").write_text(jsonsafe.dumps(summary, indent=2))
+    (out / "skipped.json").write_text(jsonsafe.dumps(report.to_dict(), indent=2))
+    log.info(report.summary())
     return summary
 
 

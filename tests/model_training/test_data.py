@@ -6,7 +6,8 @@ from pathlib import Path
 
 from helpers import jpeg_bytes, write_shard
 
-from model_training.data import SkipReport, load_data, read_manifest, read_webdataset, split_of
+from model_training.data import DataSpec, SkipReport, read_manifest, read_webdataset, scan, split_of
+from model_training.stream import collect
 
 
 def test_webdataset_reader_reads_good_and_counts_bad(tmp_path: Path) -> None:
@@ -25,10 +26,13 @@ def test_webdataset_reader_reads_good_and_counts_bad(tmp_path: Path) -> None:
     assert samples[0].caption == "a red apple" and samples[0].label == "apple"
     assert report.counts == {"no image file": 1, "no caption (.txt)": 1, "bad .json metadata": 1, "no label": 1}
     # the undecodable image is caught when decoding
-    data = load_data([shard], 16, seed=0, val_frac=0.0, test_frac=0.0, require_splits=False)
-    assert len(data.splits["train"]) == 1
-    assert data.report.counts["image not decodable (invalid_image)"] == 1
-    assert "skipped 5 samples" in data.report.summary()
+    spec = DataSpec([str(shard)], val_frac=0.0, test_frac=0.0)
+    index = scan(spec, require_splits=False)
+    assert index.counts == {"train": 2, "val": 0, "test": 0} and index.report.total == 4  # the metadata pass
+    train = collect(spec, "train", index.labels, 16, report=index.report)
+    assert len(train) == 1
+    assert index.report.counts["image not decodable (invalid_image)"] == 1
+    assert "skipped 5 samples" in index.report.summary()
 
 
 def test_label_map_and_custom_key(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, jpeg_bytes, write_shard
 
-from model_training.data import DataError, SkipReport, load_data, read_manifest, read_webdataset
+from model_training.data import DataError, DataSpec, SkipReport, read_manifest, read_webdataset, scan
 from model_training.jsonsafe import dumps
 
 COLOURS = {"apple": (200, 20, 20), "lemon": (230, 220, 40), "plum": (90, 20, 110)}
@@ -56,10 +56,10 @@ def test_missing_data_entries_are_errors_naming_them(tmp_path: Path) -> None:
     good = write_csv(tmp_path / "good.csv", rows)
     for bad, message in ((tmp_path / "typo.csv", "no such file or folder"), (tmp_path / "shards", "no such file or folder")):
         with pytest.raises(DataError, match=re.escape(f"--data {bad}: {message}")):
-            load_data([good, bad], 16, 0)
+            scan(DataSpec([str(good), str(bad)]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"a folder without \.tar shards"):
-        load_data([tmp_path / "empty"], 16, 0)
+        scan(DataSpec([str(tmp_path / "empty")]))
     out = cli("train", "--data", f"{good},{tmp_path / 'typo.csv'}", "--out-dir", str(tmp_path / "run"), "--preset", "smoke")
     assert out.returncode == 2
     lines = [x for x in out.stderr.splitlines() if x.strip() and " INFO " not in x]
@@ -82,7 +82,7 @@ def test_an_empty_test_split_is_an_error(tmp_path: Path) -> None:
     rows = write_images(tmp_path, 12)
     manifest = write_csv(tmp_path / "data.csv", rows)
     with pytest.raises(DataError, match="the test split is empty"):
-        load_data([manifest], 16, 0, test_frac=0.0)
+        scan(DataSpec([str(manifest)], test_frac=0.0))
 
 
 def test_failed_downloads_are_skipped_and_counted(tmp_path: Path) -> None:
@@ -98,6 +98,8 @@ def test_failed_downloads_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_group_key_keeps_a_group_in_one_split_and_duplicates_are_reported(tmp_path: Path) -> None:
+    from model_training import train
+
     rows = write_images(tmp_path, 60)
     # each source photo appears three times (a crop, a copy from another site...): the same pixels
     lines = ["image,caption,label,source"]
@@ -108,10 +110,13 @@ def test_group_key_keeps_a_group_in_one_split_and_duplicates_are_reported(tmp_pa
         lines.append(f"copy{k}.jpg,a {group_label},{group_label},{src}")
     manifest = tmp_path / "dups.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    naive = load_data([manifest], 16, 0, val_frac=0.2, test_frac=0.2)
-    assert naive.duplicates_across_splits > 0  # the same photo in train and test: reported
-    grouped = load_data([manifest], 16, 0, val_frac=0.2, test_frac=0.2, group_key="source")
-    assert grouped.duplicates_across_splits == 0
+    common = ["--preset", "smoke", "--data", str(manifest), "--val-frac", "0.2", "--test-frac", "0.2",
+              "--model.image-size", "16", "--max-len", "8", "--workers", "0"]
+    naive = train.main([*common, "--out-dir", str(tmp_path / "naive")])
+    assert naive["duplicates_across_splits"] > 0  # the same photo in train and test: reported
+    grouped = train.main([*common, "--out-dir", str(tmp_path / "grouped"), "--group-key", "source"])
+    assert grouped["duplicates_across_splits"] == 0
+    assert json.loads((tmp_path / "grouped" / "metrics.json").read_text())["duplicates_across_splits"] == 0
 
 
 def test_json_is_never_written_with_nan() -> None:
