@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     workers, threads = resolve_workers(settings)
     settings = settings.model_copy(update={"workers": workers, "intra_op_threads": threads})
+    owner = resolve_topology(settings) == "owner"
     # check the model before binding the port: a broken artifact ends start-up with one line.
     # With several workers the check runs in a child process, so the supervisor itself never
     # holds a model session (on a GPU: never a CUDA context and its memory)
     from .server import check_in_child, load_problem
 
-    predictor = Predictor(settings) if workers == 1 else None
+    predictor = Predictor(settings) if workers == 1 and not owner else None
     problem = load_problem(predictor) if predictor is not None else check_in_child(settings)
     if problem:
         print(f"service: cannot start: {problem}", file=sys.stderr)  # noqa: T201
@@ -55,11 +56,27 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # prometheus_client's own variable, read by each worker at import: one metrics view over all
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
-        logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
-        return Supervisor(settings, listen, workers).run()
+        if owner:
+            logging.getLogger("service").info("starting %d workers and one model owner process", workers)
+        else:
+            logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
+        return Supervisor(settings, listen, workers, owner=owner).run()
     except PortInUse as exc:
         print(f"service: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+
+
+def resolve_topology(settings: Settings) -> str:
+    """``workers`` or ``owner`` (see Settings.topology); auto picks the owner only where a GPU will run the model."""
+    if settings.topology != "auto":
+        return settings.topology
+    if settings.provider == "cpu":
+        return "workers"
+    import onnxruntime as ort
+
+    from .predictor import gpu_present
+
+    return "owner" if gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers() else "workers"
 
 
 def resolve_workers(settings: Settings) -> tuple[int, int]:

@@ -19,17 +19,27 @@ from .lifecycle import install_drain_on_sigterm
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .pipeline import Pipeline
-from .predictor import Predictor
+from .predictor import Engine, Predictor
 from .routes import classify, health, pages, v2
 from .schemas import BatchRequest
 from .settings import Settings
 
 
-def create_app(settings: Settings | None = None, predictor: Predictor | None = None, load_model: bool = True) -> FastAPI:
-    """Build the app. ``predictor`` may come loaded (``python -m service`` checks the model before binding)."""
+def create_app(settings: Settings | None = None, predictor: Engine | None = None, load_model: bool = True) -> FastAPI:
+    """Build the app. ``predictor`` may come loaded (``python -m service`` checks the model before binding).
+
+    A worker of the owner topology (``settings.owner_address`` set) gets a ``RemotePredictor``.
+    """
     settings = settings or Settings()
     metrics = Metrics()
-    pipeline = Pipeline(settings, predictor or Predictor(settings), metrics)
+    if predictor is None:
+        if settings.owner_address:
+            from .owner import RemotePredictor
+
+            predictor = RemotePredictor(settings)
+        else:
+            predictor = Predictor(settings)
+    pipeline = Pipeline(settings, predictor, metrics)
     tracing.configure(settings.otel_exporter)
 
     @asynccontextmanager

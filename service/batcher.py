@@ -27,7 +27,7 @@ import numpy as np
 from classifier_core.text import EncodedText
 
 from .metrics import Metrics
-from .predictor import Prediction
+from .predictor import EngineUnavailable, Prediction
 from .tracing import active as tracing_active
 from .tracing import tracer
 
@@ -176,6 +176,12 @@ class Batcher:
     async def _run(self, rows: list[_Row]) -> None:
         try:
             preds = await self._call(rows)
+        except EngineUnavailable as exc:
+            # not this batch's fault: no row-by-row retry against an engine that is not there
+            for r in rows:
+                if not r.future.done():
+                    r.future.set_exception(Stopped(str(exc)))
+            return
         except Exception as exc:
             log.error("inference failed for a batch of %d: %s", len(rows), type(exc).__name__, exc_info=exc)
             if len(rows) > 1:

@@ -40,7 +40,7 @@ from classifier_core.text import EncodedText
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
 from .errors import ERROR_STATUS, InvalidField, NotReady, Overloaded, ServiceError
 from .metrics import Metrics
-from .predictor import Prediction, Predictor
+from .predictor import Engine, Prediction
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Admission:
 class Pipeline:
     """Validate -> admit -> decode + tokenize -> batch -> answer, for rows from any protocol."""
 
-    def __init__(self, settings: Settings, predictor: Predictor, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, predictor: Engine, metrics: Metrics) -> None:
         self.settings = settings
         self.predictor = predictor
         self.metrics = metrics
@@ -149,6 +149,7 @@ class Pipeline:
     async def stop(self) -> None:
         await self.batcher.stop()
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        self.predictor.close()
 
     # --- request-level checks --------------------------------------------------------
     @property

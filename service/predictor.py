@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -31,12 +31,36 @@ class ProviderError(RuntimeError):
     """The requested execution provider cannot be used on this machine."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The inference engine cannot be reached (the owner process died or is restarting): answer 503."""
+
+
 @dataclass
 class Prediction:
     probabilities: np.ndarray  # float32 [C]
     attention: np.ndarray  # float32 [L_real]
     tokens: list[str]
     batch_size: int = 1  # rows in the onnxruntime call that produced it (set by the batcher)
+
+
+class Engine(Protocol):
+    """What the pipeline and the routes need of the model: ``Predictor`` in-process, or
+    ``owner.RemotePredictor`` in front of an owner process."""
+
+    manifest: Manifest | None
+    text: TextEncoder | None
+    providers: list[str]
+    error: str | None
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def state(self) -> str: ...
+    def load(self) -> None: ...
+    def encode(self, descriptions: list[str]) -> list[EncodedText]: ...
+    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]: ...
+    def info(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
 
 
 def gpu_present() -> bool:
@@ -204,24 +228,32 @@ class Predictor:
 
     def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
         """images uint8 [N, S, S, 3]; one Prediction per row, in order."""
+        assert self.text is not None
+        probs, attn = self.run_arrays(images, self.text.pad(encoded))
+        return [Prediction(probs[row], attn[row, : len(e.ids)], e.tokens) for row, e in enumerate(encoded)]
+
+    def run_arrays(self, images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The session on arrays: uint8 [N, S, S, 3] and right-padded int64 [N, L]; (probabilities, attention [N, L])."""
         assert self.session is not None and self.text is not None
-        out: list[Prediction] = []
         step = self.settings.max_batch_size
-        for s in range(0, len(encoded), step):
-            enc = encoded[s : s + step]
-            imgs = images[s : s + step]
+        probs_out, attn_out = [], []
+        for s in range(0, len(ids), step):
+            batch_ids, imgs = ids[s : s + step], images[s : s + step]
+            n, width = batch_ids.shape
             if self.fixed_shapes:
-                bucket = next(b for b in self.batch_buckets() if b >= len(enc))
-                ids = self.text.pad(enc, self.text.max_len)
-                if bucket > len(enc):  # zero rows fill the bucket; their outputs are dropped
-                    ids = np.concatenate([ids, np.zeros((bucket - len(enc), ids.shape[1]), ids.dtype)])
-                    imgs = np.concatenate([imgs, np.zeros((bucket - len(enc), *imgs.shape[1:]), imgs.dtype)])
-            else:
-                ids = self.text.pad(enc)
-            probs, attn = self.session.run(None, {"image": imgs, "input_ids": ids})
-            for row, e in enumerate(enc):
-                out.append(Prediction(probs[row], attn[row, : len(e.ids)], e.tokens))
-        return out
+                bucket = next(b for b in self.batch_buckets() if b >= n)
+                full = np.full((bucket, self.text.max_len), self.text.pad_id, np.int64)
+                full[:n, :width] = batch_ids[:, : self.text.max_len]
+                if bucket > n:  # zero rows fill the bucket; their outputs are dropped
+                    imgs = np.concatenate([imgs, np.zeros((bucket - n, *imgs.shape[1:]), imgs.dtype)])
+                batch_ids = full
+            probs, attn = self.session.run(None, {"image": imgs, "input_ids": batch_ids})
+            probs_out.append(probs[:n])
+            attn_out.append(attn[:n, :width])
+        return np.concatenate(probs_out), np.concatenate(attn_out)
+
+    def close(self) -> None:
+        """Nothing to release beyond what the process's exit releases."""
 
     def info(self) -> dict[str, Any]:
         m = self.manifest

@@ -24,6 +24,7 @@ bind) stops the service, since every replacement would fail the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import logging.config
 import multiprocessing
@@ -31,10 +32,12 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -176,8 +179,17 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, listen: Listen, workers: int) -> None:
+    def __init__(self, settings: Settings, listen: Listen, workers: int, owner: bool = False) -> None:
         self.settings = settings
+        # the owner topology: one process owns the model session, the workers send it rows
+        self.owner: Worker | None = None
+        self.owner_settings: Settings | None = None
+        if owner:
+            address = str(Path(tempfile.mkdtemp(prefix="classifier-owner-")) / "owner.sock")
+            cores = os.cpu_count() or 1
+            self.owner_settings = settings.model_copy(update={
+                "max_batch_size": settings.owner_max_batch, "intra_op_threads": settings.owner_threads or cores})
+            self.settings = settings = settings.model_copy(update={"owner_address": address})
         self.listen = listen
         self.target = workers
         self.ctx = multiprocessing.get_context("spawn")
@@ -189,6 +201,45 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()  # signal handlers write a byte: the loop wakes at once
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    # --- the model owner -------------------------------------------------------------
+    def _spawn_owner(self) -> Worker:
+        from .owner import owner_main
+
+        assert self.owner_settings is not None and self.settings.owner_address is not None
+        r, w = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(target=owner_main, args=(self.owner_settings, self.settings.owner_address, w),
+                                   name="classifier-model-owner", daemon=False)
+        process.start()
+        w.close()
+        self.owner = Worker(process, r, started=time.monotonic())
+        log.info("model owner [%s] started", process.pid)
+        return self.owner
+
+    def _stop_owner(self) -> None:
+        """After the workers: they needed the owner to drain."""
+        if self.owner is None:
+            return
+        self._signal_all(signal.SIGTERM, [self.owner])
+        self.owner.process.join(max(5.0, self.settings.shutdown_grace_s))
+        if self.owner.process.exitcode is None:
+            log.error("the model owner did not stop: killing it")
+            self._signal_all(signal.SIGKILL, [self.owner])
+            self.owner.process.join(5)
+        with contextlib.suppress(OSError):
+            Path(str(self.settings.owner_address)).unlink(missing_ok=True)
+            Path(str(self.settings.owner_address)).parent.rmdir()
+
+    def _reap_owner(self) -> None:
+        if self.owner is None or self.owner.process.exitcode is None:
+            return
+        code = self.owner.process.exitcode
+        self.owner.ready.close()
+        if self.stopping_since is not None:
+            return
+        # the workers' rows in flight get 503 and their readiness is false until they reconnect
+        log.warning("model owner [%s] died (exit code %s); starting a new one", self.owner.process.pid, code)
+        self._spawn_owner()
 
     # --- workers ---------------------------------------------------------------------
     def _spawn(self) -> Worker:
@@ -304,10 +355,18 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         log.info("listening on %s:%d with %d workers%s", self.listen.host, self.listen.port, self.target,
                  ", a SO_REUSEPORT socket each" if self.shared is None else "")
+        if self.owner_settings is not None:
+            owner = self._spawn_owner()
+            if not self._wait_listening(owner):
+                log.error("the model owner did not start (exit code %s)", owner.process.exitcode)
+                self._signal_all(signal.SIGKILL, [owner])
+                return STARTUP_FAILURE
+            log.info("model owner [%s] ready", owner.process.pid)
         for _ in range(self.target):
             self._spawn()
         while self.workers:
-            wait([self._wake_r, *(w.process.sentinel for w in self.workers)], timeout=0.5)
+            owner_sentinel = [self.owner.process.sentinel] if self.owner is not None and self.owner.process.exitcode is None else []
+            wait([self._wake_r, *(w.process.sentinel for w in self.workers), *owner_sentinel], timeout=0.5)
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
@@ -315,6 +374,7 @@ class Supervisor:
             while self._signals:
                 self._handle(self._signals.pop(0))
             self._reap()
+            self._reap_owner()
             if self.stopping_since is not None and time.monotonic() - self.stopping_since > self.settings.shutdown_grace_s:
                 log.error("workers still running %.0f s after SIGTERM: killing them", self.settings.shutdown_grace_s)
                 self._signal_all(signal.SIGKILL)
@@ -322,6 +382,7 @@ class Supervisor:
                 for wk in self.workers:
                     wk.process.join(5)
                 self._reap()
+        self._stop_owner()
         if self.shared is not None:
             self.shared.close()
         return self.exit_code

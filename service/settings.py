@@ -23,6 +23,14 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cuda", "tensorrt", "cpu"] = "auto"  # auto: CUDA if really usable, else CPU
     device_id: int = 0  # GPU ordinal for cuda/tensorrt
     workers: int = 0  # server processes (python -m service); 0 = one per core
+    # workers: each worker process owns a model session and batches its own rows (the default on
+    # CPU: measured faster on small machines, docs/performance.md). owner: the workers decode and
+    # send rows over shared memory to one process that owns the session and batches across all of
+    # them (one CUDA context, large batches). auto: owner when a GPU is in use, else workers
+    topology: Literal["auto", "workers", "owner"] = "auto"
+    owner_max_batch: int = 128  # rows per onnxruntime call in the owner (merged from all workers)
+    owner_threads: int = 0  # onnxruntime threads of the owner; 0 = one per core
+    owner_address: str | None = None  # set by the supervisor for its workers: the owner's Unix socket
     intra_op_threads: int = 0  # onnxruntime threads per inference; 0 = cores / workers
     ort_spinning: bool = False  # let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)
     max_upload_bytes: int = 10 * 1024 * 1024  # one image file; the request body may add 64 KiB of form overhead

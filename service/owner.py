@@ -1,0 +1,310 @@
+"""The owner topology: N HTTP/decode workers, one process per device that owns the model session.
+
+Workers do what they do in the per-worker topology (parse, validate, admit, decode, tokenize,
+batch their own rows) but their batcher's engine is ``RemotePredictor``: it writes the batch's
+pixels into a shared-memory slab (a file on ``/dev/shm`` that the worker and the owner both
+map) and sends only the token ids and a few numbers over a Unix socket. The owner merges what
+every worker sent meanwhile into one onnxruntime call (one CUDA context on a GPU, large
+batches) and answers each worker with its own rows' probabilities and attention.
+
+Guarantees kept from the per-worker pipeline: row isolation (a merged call that fails is run
+again worker batch by worker batch, and the worker's batcher then goes row by row); a worker
+never waits for ever (the owner's answer has the request timeout); a dead owner turns into 503
+``not_ready`` for the rows in flight and readiness false until the supervisor has restarted it
+and the worker has reconnected; on SIGTERM the workers drain first, then the owner stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import queue
+import signal
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classifier_core.artifact import load_manifest
+from classifier_core.text import EncodedText, TextEncoder
+
+from .predictor import EngineUnavailable, Prediction, Predictor
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<IIII")  # request id, rows, sequence width, status (replies: 0 ok, 1 failed)
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+# --- the worker's side ---------------------------------------------------------------
+
+
+class RemotePredictor:
+    """Stands where ``Predictor`` stands in a worker; the session lives in the owner process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.address = str(settings.owner_address)
+        self.manifest: Any = None
+        self.text: TextEncoder | None = None
+        self.providers: list[str] = []
+        self.error: str | None = None
+        self._conn: Connection | None = None
+        self._slab: mmap.mmap | None = None
+        self._slab_path: str | None = None
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._last_try = 0.0
+        self._loaded = False
+
+    # the Predictor interface the pipeline and the routes use
+    @property
+    def ready(self) -> bool:
+        return self._loaded and self._connected()
+
+    @property
+    def state(self) -> str:
+        if not self._loaded:
+            return "loading"
+        return "ready" if self._conn is not None else "owner_unavailable"
+
+    def load(self) -> None:
+        """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker), then the owner."""
+        model_dir = Path(self.settings.model_dir)
+        self.manifest = load_manifest(model_dir)
+        self.text = TextEncoder.from_file(model_dir / self.manifest.tokenizer_file, self.manifest.max_len)
+        side = self.manifest.image_size
+        fd, self._slab_path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
+        size = self.settings.max_batch_size * side * side * 3
+        os.ftruncate(fd, size)
+        self._slab = mmap.mmap(fd, size)
+        os.close(fd)
+        self._loaded = True
+        deadline = time.monotonic() + 60
+        while not self._connected(force=True) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the owner may still be loading the model
+        if self._conn is None:
+            raise EngineUnavailable(f"the model owner at {self.address} did not answer within 60 s")
+
+    def _connected(self, force: bool = False) -> bool:
+        if self._conn is not None:
+            return True
+        now = time.monotonic()
+        if not force and now - self._last_try < 0.2:
+            return False
+        self._last_try = now
+        with self._lock:
+            try:
+                conn = Client(self.address, family="AF_UNIX")
+                conn.send((self._slab_path, os.getpid()))
+                self.providers = list(conn.recv())
+            except (OSError, EOFError):
+                return False
+            self._conn = conn
+        log.info("connected to the model owner (%s)", self.providers[0] if self.providers else "?")
+        return True
+
+    def encode(self, descriptions: list[str]) -> list[EncodedText]:
+        assert self.text is not None
+        return self.text.encode_batch(descriptions)
+
+    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
+        assert self.text is not None and self._slab is not None
+        n = len(encoded)
+        if n > self.settings.max_batch_size:  # the batcher never sends more; split rather than overrun the slab
+            step = self.settings.max_batch_size
+            return [p for s in range(0, n, step) for p in self.predict(images[s : s + step], encoded[s : s + step])]
+        if not self._connected(force=True):
+            raise EngineUnavailable("the model owner process is not available (restarting?)")
+        ids = self.text.pad(encoded)
+        with self._lock:
+            conn = self._conn
+            assert conn is not None
+            np.frombuffer(self._slab, np.uint8, images.size).reshape(images.shape)[:] = images
+            self._next_id += 1
+            rid = self._next_id
+            try:
+                conn.send_bytes(_HEAD.pack(rid, n, ids.shape[1], 0) + ids.tobytes())
+                if not conn.poll(self.settings.request_timeout_ms / 1000):
+                    raise TimeoutError
+                reply = conn.recv_bytes()
+            except (OSError, EOFError, TimeoutError) as exc:
+                self._drop()
+                raise EngineUnavailable(f"the model owner process stopped answering ({type(exc).__name__})") from None
+        got, rows, width, status = _HEAD.unpack_from(reply)
+        if got != rid or rows != n:
+            self._drop()
+            raise EngineUnavailable("the model owner's answer did not match the request")
+        if status != 0:
+            raise RuntimeError(reply[_HEAD.size :].decode(errors="replace"))
+        classes = len(self.manifest.labels)
+        probs = np.frombuffer(reply, np.float32, n * classes, _HEAD.size).reshape(n, classes)
+        attn = np.frombuffer(reply, np.float32, n * width, _HEAD.size + probs.nbytes).reshape(n, width)
+        return [Prediction(probs[r].copy(), attn[r, : len(e.ids)].copy(), e.tokens) for r, e in enumerate(encoded)]
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        self._conn = None
+        log.warning("lost the model owner; requests get 503 until it is back")
+
+    def close(self) -> None:
+        self._drop() if self._conn is not None else None
+        if self._slab_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self._slab_path)
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"state": self.state, "name": m.name if m else None, "version": m.version if m else None,
+                "providers": self.providers, "topology": "owner"}
+
+
+# --- the owner's side ----------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    conn: Connection
+    rid: int
+    images: np.ndarray  # a view of the worker's slab
+    ids: np.ndarray
+
+
+class Owner:
+    """Accepts worker connections, merges their batches, runs the one session, answers each."""
+
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.address = address
+        self.predictor = Predictor(settings)
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self.max_rows = settings.owner_max_batch
+
+    def serve(self, ready: Connection | None = None) -> None:
+        self.predictor.load()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        listener = Listener(self.address, family="AF_UNIX")
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="owner-accept").start()
+        log.info("model owner ready: %s, up to %d rows per call", self.predictor.providers[0], self.max_rows)
+        if ready is not None:
+            ready.send(os.getpid())
+        try:
+            self._batch_loop()
+        finally:
+            listener.close()
+
+    def _accept(self, listener: Listener) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True, name="owner-conn").start()
+
+    def _read(self, conn: Connection) -> None:
+        assert self.predictor.manifest is not None
+        side = self.predictor.manifest.image_size
+        try:
+            path, pid = conn.recv()
+            # only a worker's own slab: a file this module names, in the shared-memory folder
+            if Path(path).parent != Path(shm_dir()) or not Path(path).name.startswith("classifier-rows-"):
+                log.warning("refused a connection from pid %s: slab %r", pid, path)
+                conn.close()
+                return
+            with open(path, "r+b") as f:
+                slab = mmap.mmap(f.fileno(), 0)
+            conn.send(self.predictor.providers)
+            while True:
+                msg = conn.recv_bytes()
+                rid, n, width, _ = _HEAD.unpack_from(msg)
+                ids = np.frombuffer(msg, np.int64, n * width, _HEAD.size).reshape(n, width)
+                images = np.frombuffer(slab, np.uint8, n * side * side * 3).reshape(n, side, side, 3)
+                self.jobs.put(_Job(conn, rid, images, ids))
+        except (OSError, EOFError, ValueError):
+            return  # the worker went away: its rows were answered or are lost with it
+
+    def _batch_loop(self) -> None:
+        while not self.stopping.is_set():
+            first = self.jobs.get()
+            if first is None:
+                return
+            jobs, rows = [first], len(first.ids)
+            while rows < self.max_rows:  # greedy: whatever the other workers sent meanwhile
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.stopping.set()
+                    break
+                jobs.append(job)
+                rows += len(job.ids)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        assert self.predictor.text is not None
+        pad = self.predictor.text.pad_id
+        width = max(j.ids.shape[1] for j in jobs)
+        ids = np.full((sum(len(j.ids) for j in jobs), width), pad, np.int64)
+        at = 0
+        for j in jobs:
+            ids[at : at + len(j.ids), : j.ids.shape[1]] = j.ids
+            at += len(j.ids)
+        try:
+            probs, attn = self.predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
+        except Exception as exc:
+            if len(jobs) > 1:  # isolation: each worker's batch on its own, so one bad batch fails alone
+                for j in jobs:
+                    self._run([j])
+                return
+            log.error("inference failed for a batch of %d: %s", len(ids), exc)
+            self._reply(jobs[0], _HEAD.pack(jobs[0].rid, len(jobs[0].ids), 0, 1) + b"inference failed for this batch")
+            return
+        at = 0
+        for j in jobs:
+            n, w = j.ids.shape
+            body = probs[at : at + n].astype(np.float32).tobytes() + np.ascontiguousarray(attn[at : at + n, :w], np.float32).tobytes()
+            self._reply(j, _HEAD.pack(j.rid, n, w, 0) + body)
+            at += n
+
+    def _reply(self, job: _Job, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            job.conn.send_bytes(data)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.jobs.put(None)
+
+
+def owner_main(settings: Settings, address: str, ready: Connection) -> None:
+    """The owner process (spawned by the supervisor): loads the model, serves until SIGTERM."""
+    import logging.config
+
+    from .logs import log_config
+
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+    owner = Owner(settings, address)
+    # SIGTERM comes after the workers have drained: finish the call in progress, then exit
+    signal.signal(signal.SIGTERM, lambda *_: owner.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor orders the stop
+    try:
+        owner.serve(ready)
+    except Exception as exc:
+        log.error("model owner failed: %s", exc)
+        raise SystemExit(2) from None
