@@ -14,11 +14,15 @@ import csv
 import hashlib
 import json
 import logging
+import lzma
+import multiprocessing
 import os
 import random
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -149,10 +153,13 @@ def _tar_entries(path: Path) -> Iterator[tuple[str, int, int, bytes | None]]:
             if name is None:
                 name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 prefix = head[345:500].split(b"\0", 1)[0]
-                if head[257:262] == b"ustar" and prefix:
+                if head[257:263] == b"ustar\x00" and prefix:  # POSIX ustar; GNU's magic keeps times there
                     name = prefix.decode("utf-8", "replace") + "/" + name
             long_name = None
-            data = f.read(size) if size <= SMALL_MEMBER else None
+            # captions and metadata are read now (the next header is right behind them); an image
+            # whatever its size only when a worker decodes it, so a shuffle buffer never holds one
+            ext = name.rpartition(".")[2].lower()
+            data = f.read(size) if size <= SMALL_MEMBER and ext not in IMAGE_EXTS else None
             yield name, data_at, size, data
         if pos < size_on_disk:
             raise EOFError(f"{path}: ends inside a header")
@@ -190,7 +197,7 @@ def _tar_groups(shard: Path, report: SkipReport) -> Iterator[tuple[str, dict[str
                 parts[ext.lower()] = partial(bytes, data)
             else:
                 parts[ext.lower()] = partial(_read_range, shard, offset, size)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         # keep what was read before the damage (the damaged sample is dropped); count the shard
         report.skip(f"corrupt shard ({type(exc).__name__})", str(shard))
         return
@@ -370,23 +377,63 @@ class DataIndex:
     captions: list[str]  # training captions for the tokenizer (a seeded sample of at most TOKENIZER_CAPTIONS)
 
 
-def scan(spec: DataSpec, require_splits: bool = True, max_captions: int = TOKENIZER_CAPTIONS) -> DataIndex:
-    """One pass over metadata only (no image is read): memory grows with the number of labels, not samples."""
+def units(spec: DataSpec) -> list[str]:
+    """The shards and manifests of a spec: the units a scan reads in parallel and an epoch shuffles."""
+    out: list[str] = []
+    for src in check_sources(spec.sources):
+        manifest = src.suffix.lower() in (".csv", ".jsonl", ".ndjson")
+        out.extend([str(src)] if manifest else [str(p) for p in _expand([src])])
+    return out
+
+
+def _scan_unit(job: tuple[DataSpec, str]) -> tuple[dict[str, Counter[str]], list[str], SkipReport]:
+    spec, unit = job
+    report = SkipReport()
+    per_split: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
+    captions: list[str] = []
+    one = DataSpec([unit], spec.seed, spec.label_key, spec.label_map, spec.val_frac, spec.test_frac, spec.group_key)
+    for split, s in one.samples(report):
+        per_split[split][s.label] += 1
+        if split == "train":
+            captions.append(s.caption)
+    return per_split, captions, report
+
+
+def scan(spec: DataSpec, require_splits: bool = True, max_captions: int = TOKENIZER_CAPTIONS,
+         processes: int | None = None) -> DataIndex:
+    # ``processes``: default the cores (divided among torchrun's ranks, which each scan), at most 8
+    """One pass over metadata only (no image is read), shards in parallel processes.
+
+    Memory grows with the number of labels and of shards, not of samples: a shard's training
+    captions come back to be sampled (a seeded reservoir of at most ``max_captions``) and dropped.
+    """
     report = SkipReport()
     per_split: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
     captions: list[str] = []
     rng = random.Random(spec.seed)
     seen = 0
-    for split, s in spec.samples(report):
-        per_split[split][s.label] += 1
-        if split == "train":  # reservoir sampling: a uniform sample of the captions, whatever their number
-            seen += 1
-            if len(captions) < max_captions:
-                captions.append(s.caption)
-            else:
-                j = rng.randrange(seen)
-                if j < max_captions:
-                    captions[j] = s.caption
+    jobs = [(spec, u) for u in units(spec)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = min(processes or max(1, (os.cpu_count() or 1) // world), len(jobs), 8)
+    # a process pool, not threads: the header reader is Python; a killed child raises, never hangs
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) if processes > 1 else None
+    try:
+        results = pool.map(_scan_unit, jobs) if pool is not None else map(_scan_unit, jobs)
+        for unit_counts, unit_captions, unit_report in results:  # in unit order: the sample is reproducible
+            for split, counter in unit_counts.items():
+                per_split[split].update(counter)
+            report.merge(unit_report)
+            for caption in unit_captions:  # reservoir sampling: uniform, whatever the number of captions
+                seen += 1
+                if len(captions) < max_captions:
+                    captions.append(caption)
+                else:
+                    j = rng.randrange(seen)
+                    if j < max_captions:
+                        captions[j] = caption
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     labels = sorted(per_split["train"])
     counts = {"train": sum(per_split["train"].values())}
     for name in ("val", "test"):

@@ -60,6 +60,14 @@ class Dist:
         dist.all_reduce(t)
         return [float(x) for x in t.tolist()]
 
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        out: list[object] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from classifier_core.images import ImageError, load_image
 from classifier_core.text import TextEncoder, pad_ids
 
-from .data import TRAIN_MAX_PIXELS, DataSpec, Sample, SkipReport, _expand, split_of
+from .data import TRAIN_MAX_PIXELS, DataSpec, Sample, SkipReport, split_of, units
 
 SHUFFLE_BUFFER = 10_000  # metadata records (a few hundred bytes each), not decoded images
 
@@ -44,32 +44,23 @@ def digest(img: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(img.tobytes(), digest_size=8).digest(), "little", signed=True)
 
 
-def _units(spec: DataSpec) -> list[str]:
-    """The shards and manifests of a spec, each a unit the epoch's order shuffles."""
-    out: list[str] = []
-    for src in spec.sources:
-        low = str(src).lower()
-        out.extend([str(src)] if low.endswith((".csv", ".jsonl", ".ndjson")) else [str(p) for p in _expand([src])])
-    return out
-
-
 def ordered_samples(spec: DataSpec, split: str, labels: set[str], epoch: int, shuffle: bool,
                     buffer: int = SHUFFLE_BUFFER) -> Iterator[Sample]:
     """The split's usable samples in this epoch's order: the same on every rank and worker."""
-    units = _units(spec)
+    order = units(spec)
     rng = random.Random(f"{spec.seed}:{epoch}:{split}")
     if shuffle:
-        rng.shuffle(units)
+        rng.shuffle(order)
     quiet = SkipReport()  # the metadata pass (scan) already counted these skips
 
     def walk() -> Iterator[Sample]:
-        for unit in units:
+        for unit in order:
             one = DataSpec([unit], spec.seed, spec.label_key, spec.label_map, spec.val_frac, spec.test_frac, spec.group_key)
             for name, s in one.samples(quiet):
                 if name == split and s.label in labels:
                     yield s
 
-    if not shuffle:
+    if not shuffle or buffer <= 1:  # (a buffer of 0 or 1 shuffles nothing: the shard order only)
         yield from walk()
         return
     # a shuffle buffer: once full, each new record swaps with a random one that leaves

@@ -79,9 +79,27 @@ class SplitResult:
 
 @torch.no_grad()
 def predict_split(model: FusedClassifier, spec: DataSpec, split: str, labels: list[str], tok_json: str,
-                  cfg: TrainConfig, device: torch.device, batch_size: int = 256) -> SplitResult:
+                  cfg: TrainConfig, dd: distributed.Dist, batch_size: int = 64) -> SplitResult:
+    """The whole split's predictions: under torchrun each rank predicts its share and all ranks get the whole."""
+    part = _predict_share(model, spec, split, labels, tok_json, cfg, dd, batch_size)
+    if not dd.enabled:
+        return part
+    shares = [r for r in dd.gather(part) if isinstance(r, SplitResult)]
+    skipped = SkipReport()
+    for r in shares:
+        skipped.merge(r.skipped)
+    cat = {k: np.concatenate([getattr(r, k) for r in shares]) for k in ("targets", "preds", "logp", "digests")}
+    return SplitResult(cat["targets"], cat["preds"], cat["logp"], cat["digests"], skipped)
+
+
+def _predict_share(model: FusedClassifier, spec: DataSpec, split: str, labels: list[str], tok_json: str,
+                   cfg: TrainConfig, dd: distributed.Dist, batch_size: int) -> SplitResult:
+    device = dd.device
+    # batches of 64, not 256: the paper model's conv activations at 256 rows raised the trainer's
+    # peak RSS by about 200 MB (measured with benchmarks.train_data), for no gain in speed on CPU
     model.eval()
-    stream = SplitStream(spec, split, labels, tok_json, StreamConfig(cfg.model.image_size, batch_size, cfg.max_len))
+    stream = SplitStream(spec, split, labels, tok_json, StreamConfig(cfg.model.image_size, batch_size, cfg.max_len,
+                                                                     rank=dd.rank, world=dd.world))
     parts: dict[str, list[np.ndarray]] = {"targets": [], "preds": [], "logp": [], "digests": []}
     skipped = SkipReport()
     for b in loader(stream, cfg.workers, pin_memory=device.type == "cuda"):
@@ -217,6 +235,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
         if sched is not None and "scheduler" in extra:
             sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
+        if "cuda_rng" in extra and dd.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["cuda_rng"], dd.device)  # dropout on the GPU
         prog = Progress(int(extra["epoch"]), float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"]))
         log.info("resuming %s after epoch %d", out, prog.epoch)
     elif dd.main:
@@ -229,8 +249,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
             sched.step()
         prog.epoch = epoch
         stop = False
+        val = predict_split(model, spec, "val", index.labels, tok_json, cfg, dd)  # every rank its share
         if dd.main:
-            val = predict_split(model, spec, "val", index.labels, tok_json, cfg, dd.device)
             row = {"epoch": epoch, "train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
                    "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.time() - t0, 1),
                    "world_size": dd.world}
@@ -244,9 +264,9 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
         if dd.broadcast_flag(stop):  # every rank stops at the same epoch
             break
 
-    summary = final_report(cfg, out, spec, index, tok_json, dd, t0) if dd.main else {}
+    summary = final_report(cfg, out, spec, index, tok_json, dd, t0)
     dd.barrier()
-    return summary
+    return summary if dd.main else {}
 
 
 def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch.optim.Optimizer, sched: Any,
@@ -267,17 +287,22 @@ def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch
     save_checkpoint(out / "last.pt", model, index.labels, text, cfg,
                     {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "best_val": prog.best_val,
                      "best_epoch": prog.best_epoch, "stale": prog.stale,
-                     **({"scheduler": sched.state_dict()} if sched is not None else {})},
+                     **({"scheduler": sched.state_dict()} if sched is not None else {}),
+                     **({"cuda_rng": torch.cuda.get_rng_state(next(model.parameters()).device)}
+                        if next(model.parameters()).is_cuda else {})},
                     optimizer=opt, rng=torch.get_rng_state())
     return stop
 
 
 def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, tok_json: str,
                  dd: distributed.Dist, t0: float) -> dict[str, Any]:
-    """The best checkpoint on all three splits (streamed), the skips, and images shared between splits."""
-    best, ckpt = load_checkpoint(out / "best.pt")
+    """The best checkpoint on all three splits (streamed, every rank its share), the skips, and images
+    shared between splits; rank 0 writes the files."""
+    best, ckpt = load_checkpoint(out / "best.pt")  # rank 0 saved it before the last broadcast_flag
     best.to(dd.device)
-    results = {s: predict_split(best, spec, s, index.labels, tok_json, cfg, dd.device) for s in ("train", "val", "test")}
+    results = {s: predict_split(best, spec, s, index.labels, tok_json, cfg, dd) for s in ("train", "val", "test")}
+    if not dd.main:
+        return {}
     report = SkipReport()
     report.merge(index.report)
     for r in results.values():

@@ -25,7 +25,6 @@ import signal
 import struct
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -51,8 +50,22 @@ def shm_dir() -> str:
 # --- the worker's side ---------------------------------------------------------------
 
 
+def manifest_digest(model_dir: Path) -> str:
+    """Worker and owner must serve the same artifact (a SIGHUP may swap it): they compare this."""
+    import hashlib
+
+    return hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
 class RemotePredictor:
-    """Stands where ``Predictor`` stands in a worker; the session lives in the owner process."""
+    """Stands where ``Predictor`` stands in a worker; the session lives in the owner process.
+
+    A background thread (re)connects whenever there is no connection; ``ready`` never blocks.
+    Each connection gets a fresh slab file, unlinked as soon as both sides have mapped it, so a
+    killed worker or owner leaves nothing in /dev/shm.
+    """
+
+    HANDSHAKE_TIMEOUT_S = 5.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -61,18 +74,19 @@ class RemotePredictor:
         self.text: TextEncoder | None = None
         self.providers: list[str] = []
         self.error: str | None = None
+        self.digest = ""
         self._conn: Connection | None = None
         self._slab: mmap.mmap | None = None
-        self._slab_path: str | None = None
         self._next_id = 0
-        self._lock = threading.Lock()
-        self._last_try = 0.0
+        self._lock = threading.Lock()  # one request at a time on the connection
         self._loaded = False
+        self._closed = threading.Event()
+        self._mismatch_logged = False
 
     # the Predictor interface the pipeline and the routes use
     @property
     def ready(self) -> bool:
-        return self._loaded and self._connected()
+        return self._loaded and self._alive()
 
     @property
     def state(self) -> str:
@@ -81,38 +95,70 @@ class RemotePredictor:
         return "ready" if self._conn is not None else "owner_unavailable"
 
     def load(self) -> None:
-        """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker), then the owner."""
+        """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker).
+
+        The worker starts even while the owner is (re)starting: it is not ready until connected.
+        """
         model_dir = Path(self.settings.model_dir)
         self.manifest = load_manifest(model_dir)
         self.text = TextEncoder.from_file(model_dir / self.manifest.tokenizer_file, self.manifest.max_len)
-        side = self.manifest.image_size
-        fd, self._slab_path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
-        size = self.settings.max_batch_size * side * side * 3
-        os.ftruncate(fd, size)
-        self._slab = mmap.mmap(fd, size)
-        os.close(fd)
+        self.digest = manifest_digest(model_dir)
         self._loaded = True
-        deadline = time.monotonic() + 60
-        while not self._connected(force=True) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the owner may still be loading the model
-        if self._conn is None:
-            raise EngineUnavailable(f"the model owner at {self.address} did not answer within 60 s")
+        self._connect()
+        threading.Thread(target=self._reconnect_loop, daemon=True, name="owner-reconnect").start()
 
-    def _connected(self, force: bool = False) -> bool:
-        if self._conn is not None:
-            return True
-        now = time.monotonic()
-        if not force and now - self._last_try < 0.2:
+    def _reconnect_loop(self) -> None:
+        while not self._closed.wait(0.2):
+            if self._conn is None:
+                self._connect()
+
+    def _alive(self) -> bool:
+        """Connected, and the owner has not closed its end (checked only between requests)."""
+        conn = self._conn
+        if conn is None:
             return False
-        self._last_try = now
-        with self._lock:
+        if self._lock.acquire(blocking=False):
             try:
-                conn = Client(self.address, family="AF_UNIX")
-                conn.send((self._slab_path, os.getpid()))
-                self.providers = list(conn.recv())
-            except (OSError, EOFError):
+                if conn.poll(0):  # readable with no request outstanding: the owner went away
+                    self._drop()
+                    return False
+            except OSError:
+                self._drop()
                 return False
-            self._conn = conn
+            finally:
+                self._lock.release()
+        return True
+
+    def _connect(self) -> bool:
+        assert self.manifest is not None
+        side = self.manifest.image_size
+        with self._lock:
+            if self._conn is not None:
+                return True
+            fd, path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
+            try:
+                size = self.settings.max_batch_size * side * side * 3
+                os.ftruncate(fd, size)
+                slab = mmap.mmap(fd, size)
+                conn = Client(self.address, family="AF_UNIX")
+                conn.send((path, os.getpid(), self.digest))
+                if not conn.poll(self.HANDSHAKE_TIMEOUT_S):
+                    raise TimeoutError
+                providers, digest = conn.recv()
+            except (OSError, EOFError, TimeoutError, ValueError):
+                return False
+            finally:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # both sides have mapped it (or the attempt failed): nothing to leave behind
+            if digest != self.digest:
+                if not self._mismatch_logged:
+                    log.warning("the model owner serves another artifact (%s, this worker %s): not ready", digest, self.digest)
+                    self._mismatch_logged = True
+                conn.close()
+                return False
+            self._conn, self._slab, self.providers = conn, slab, list(providers)
+            self._mismatch_logged = False
         log.info("connected to the model owner (%s)", self.providers[0] if self.providers else "?")
         return True
 
@@ -121,18 +167,19 @@ class RemotePredictor:
         return self.text.encode_batch(descriptions)
 
     def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
-        assert self.text is not None and self._slab is not None
+        assert self.text is not None
         n = len(encoded)
         if n > self.settings.max_batch_size:  # the batcher never sends more; split rather than overrun the slab
             step = self.settings.max_batch_size
             return [p for s in range(0, n, step) for p in self.predict(images[s : s + step], encoded[s : s + step])]
-        if not self._connected(force=True):
+        if not self._alive() and not self._connect():  # one immediate try: the owner may be back already
             raise EngineUnavailable("the model owner process is not available (restarting?)")
         ids = self.text.pad(encoded)
         with self._lock:
-            conn = self._conn
-            assert conn is not None
-            np.frombuffer(self._slab, np.uint8, images.size).reshape(images.shape)[:] = images
+            conn, slab = self._conn, self._slab
+            if conn is None or slab is None:
+                raise EngineUnavailable("the model owner process is not available (restarting?)")
+            np.frombuffer(slab, np.uint8, images.size).reshape(images.shape)[:] = images
             self._next_id += 1
             rid = self._next_id
             try:
@@ -144,28 +191,30 @@ class RemotePredictor:
                 self._drop()
                 raise EngineUnavailable(f"the model owner process stopped answering ({type(exc).__name__})") from None
         got, rows, width, status = _HEAD.unpack_from(reply)
+        classes = len(self.manifest.labels)
         if got != rid or rows != n:
             self._drop()
             raise EngineUnavailable("the model owner's answer did not match the request")
         if status != 0:
             raise RuntimeError(reply[_HEAD.size :].decode(errors="replace"))
-        classes = len(self.manifest.labels)
+        if len(reply) != _HEAD.size + 4 * n * (classes + width):  # never slice another row's numbers
+            self._drop()
+            raise EngineUnavailable("the model owner's answer has the wrong size (another model?)")
         probs = np.frombuffer(reply, np.float32, n * classes, _HEAD.size).reshape(n, classes)
         attn = np.frombuffer(reply, np.float32, n * width, _HEAD.size + probs.nbytes).reshape(n, width)
         return [Prediction(probs[r].copy(), attn[r, : len(e.ids)].copy(), e.tokens) for r, e in enumerate(encoded)]
 
     def _drop(self) -> None:
+        """Forget the connection (the caller holds the lock or owns the connection's failure)."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.close()
-        self._conn = None
-        log.warning("lost the model owner; requests get 503 until it is back")
+            log.warning("lost the model owner; requests get 503 until it is back")
+        self._conn, self._slab = None, None
 
     def close(self) -> None:
-        self._drop() if self._conn is not None else None
-        if self._slab_path:
-            with contextlib.suppress(OSError):
-                os.unlink(self._slab_path)
+        self._closed.set()
+        self._drop()
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -191,7 +240,9 @@ class Owner:
         self.settings = settings
         self.address = address
         self.predictor = Predictor(settings)
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        # SimpleQueue: its put is safe in a signal handler (SIGTERM), queue.Queue's lock is not
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.digest = manifest_digest(Path(settings.model_dir))
         self.stopping = threading.Event()
         self.max_rows = settings.owner_max_batch
 
@@ -221,15 +272,18 @@ class Owner:
         assert self.predictor.manifest is not None
         side = self.predictor.manifest.image_size
         try:
-            path, pid = conn.recv()
+            path, pid, _digest = conn.recv()
             # only a worker's own slab: a file this module names, in the shared-memory folder
             if Path(path).parent != Path(shm_dir()) or not Path(path).name.startswith("classifier-rows-"):
                 log.warning("refused a connection from pid %s: slab %r", pid, path)
                 conn.close()
                 return
-            with open(path, "r+b") as f:
-                slab = mmap.mmap(f.fileno(), 0)
-            conn.send(self.predictor.providers)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                slab = mmap.mmap(fd, 0)
+            finally:
+                os.close(fd)
+            conn.send((self.predictor.providers, self.digest))
             while True:
                 msg = conn.recv_bytes()
                 rid, n, width, _ = _HEAD.unpack_from(msg)

@@ -184,6 +184,8 @@ class Supervisor:
         # the owner topology: one process owns the model session, the workers send it rows
         self.owner: Worker | None = None
         self.owner_settings: Settings | None = None
+        self._owner_due: float | None = None  # a dead owner's replacement starts then
+        self._owner_backoff = 0.0
         if owner:
             address = str(Path(tempfile.mkdtemp(prefix="classifier-owner-")) / "owner.sock")
             cores = os.cpu_count() or 1
@@ -231,15 +233,37 @@ class Supervisor:
             Path(str(self.settings.owner_address)).parent.rmdir()
 
     def _reap_owner(self) -> None:
-        if self.owner is None or self.owner.process.exitcode is None:
+        if self._owner_due is not None and time.monotonic() >= self._owner_due and self.stopping_since is None:
+            self._owner_due = None
+            self._spawn_owner()
+            return
+        if self.owner is None or self.owner.process.exitcode is None or self._owner_due is not None:
             return
         code = self.owner.process.exitcode
         self.owner.ready.close()
         if self.stopping_since is not None:
             return
-        # the workers' rows in flight get 503 and their readiness is false until they reconnect
-        log.warning("model owner [%s] died (exit code %s); starting a new one", self.owner.process.pid, code)
-        self._spawn_owner()
+        # the workers' rows in flight get 503 and their readiness is false until they reconnect.
+        # An owner that dies young (out of GPU memory...) is restarted after a growing pause
+        young = time.monotonic() - self.owner.started < 10
+        self._owner_backoff = min(30.0, self._owner_backoff * 2 or 0.5) if young else 0.0
+        log.warning("model owner [%s] died (exit code %s); starting a new one%s", self.owner.process.pid, code,
+                    f" in {self._owner_backoff:.1f} s" if self._owner_backoff else "")
+        self._owner_due = time.monotonic() + self._owner_backoff
+
+    def _restart_owner(self) -> None:
+        """SIGHUP: the artifact may have changed; the workers refuse an owner whose manifest differs."""
+        if self.owner is None:
+            return
+        old = self.owner
+        self._signal_all(signal.SIGTERM, [old])
+        old.process.join(max(5.0, self.settings.shutdown_grace_s))
+        if old.process.exitcode is None:
+            self._signal_all(signal.SIGKILL, [old])
+            old.process.join(5)
+        new = self._spawn_owner()
+        if not self._wait_listening(new):
+            log.error("SIGHUP: the new model owner did not start (exit code %s)", new.process.exitcode)
 
     # --- workers ---------------------------------------------------------------------
     def _spawn(self) -> Worker:
@@ -309,7 +333,11 @@ class Supervisor:
         elif self.stopping_since is not None:
             log.info("%s ignored: the service is stopping", signal.Signals(sig).name)
         elif sig == signal.SIGHUP:
-            log.info("SIGHUP: restarting the workers one at a time")
+            if self.owner is not None:
+                log.info("SIGHUP: restarting the model owner, then the workers one at a time")
+                self._restart_owner()
+            else:
+                log.info("SIGHUP: restarting the workers one at a time")
             self._rolling_restart()
         elif sig == signal.SIGTTIN:
             self.target += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import operator
 import tarfile
@@ -116,3 +117,27 @@ def test_an_image_that_fails_to_decode_is_counted_by_the_worker(tmp_path: Path) 
         for reason, n in b["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     assert skipped == {"image not decodable (invalid_image)": 1}
+
+
+def test_images_are_read_only_when_decoded_and_long_names_survive(tmp_path: Path) -> None:
+    from model_training.data import SkipReport, read_webdataset
+
+    parts = {f"k{i:03d}": sample(i, "ab"[i % 2]) for i in range(6)}
+    shard = write_shard(tmp_path / "s.tar", parts)
+    samples = list(read_webdataset([shard], SkipReport()))
+    shard.unlink()  # captions and labels were read with the headers; a small image was not
+    assert [s.caption for s in samples][:2] == ["item 0 a", "item 1 b"]
+    with pytest.raises(OSError):
+        samples[0].read()
+    # names longer than a ustar header holds: GNU long-name and pax records
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"long{fmt}.tar"
+        long_dir = "d" * 120 + "/"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for key, p in parts.items():
+                for ext, data in p.items():
+                    info = tarfile.TarInfo(f"{long_dir}{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        report = SkipReport()
+        assert [s.key for s in read_webdataset([path], report)] == sorted(parts) and report.total == 0
