@@ -160,11 +160,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     bases = base_jpegs(1000)
+    runs: dict[str, dict[str, float]] = {}
     results: dict[str, object] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "command": "python -m benchmarks.train_data " + " ".join(argv if argv is not None else sys.argv[1:]),
         "jpeg_bytes_mean": int(np.mean([len(b) for b in bases])), "image": "512x384 JPEG -> 64x64",
-        "epoch_runs": {},
+        "epoch_runs": runs,
     }
     tmp = Path(tempfile.mkdtemp(prefix="train-data-bench-", dir=a.tmp))
     try:
@@ -178,13 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 results["loader_samples_per_s"] = {w: round(loader_rate(folder, w, a.rate_samples), 1) for w in (0, 1, 2)}
                 print("loader samples/s by workers:", results["loader_samples_per_s"], flush=True)  # noqa: T201
             run = one_epoch(folder, tmp / f"run{n}", a.workers)
-            results["epoch_runs"][str(n)] = run  # type: ignore[index]
+            runs[str(n)] = run
             print(n, run, flush=True)  # noqa: T201
             shutil.rmtree(folder)
-        runs = results["epoch_runs"]
-        sizes = sorted(runs, key=int)  # type: ignore[arg-type]
+        sizes = sorted(runs, key=int)
         if len(sizes) >= 2:
-            lo, hi = runs[sizes[0]], runs[sizes[-1]]  # type: ignore[index]
+            lo, hi = runs[sizes[0]], runs[sizes[-1]]
             results["rss_ratio_largest_vs_smallest"] = {
                 "trainer": round(hi["peak_rss_trainer_mb"] / lo["peak_rss_trainer_mb"], 3),
                 "tree": round(hi["peak_rss_tree_mb"] / lo["peak_rss_tree_mb"], 3)}

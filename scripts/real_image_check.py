@@ -122,7 +122,9 @@ def write_faces(folder: Path, seed: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=25)
-    ap.add_argument("--seed", type=int, default=0)
+    # seed 2, chosen before any training: the first split whose test photographs cover 5 different
+    # categories that all have training photographs (seed 0 left one without; seed 1 covers 4)
+    ap.add_argument("--seed", type=int, default=2, help="split seed (default: 2)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from model_training import ablate
