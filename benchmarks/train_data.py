@@ -118,9 +118,9 @@ def tree_rss_mb(pid: int) -> tuple[float, float]:
     return rss(pid), total
 
 
-def one_epoch(folder: Path, out: Path, workers: int) -> dict[str, float]:
+def one_epoch(folder: Path, out: Path, workers: int, device: str = "cpu") -> dict[str, float]:
     cmd = [sys.executable, "-m", "model_training", "train", "--data", str(folder), "--out-dir", str(out),
-           "--epochs", "1", "--workers", str(workers), "--no-progress"]
+           "--epochs", "1", "--workers", str(workers), "--no-progress", "--device", device]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = {"main": 0.0, "tree": 0.0}
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--sizes", default="10000,100000", help="samples per generated dataset, comma separated")
     p.add_argument("--rate-samples", type=int, default=4000, help="samples per loader-throughput measurement")
     p.add_argument("--workers", type=int, default=2, help="loader workers of the one-epoch runs")
+    p.add_argument("--device", default="cpu", help="the one-epoch runs' --device (cuda: pinned memory, bfloat16 autocast)")
     p.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's temp)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results: dict[str, object] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "command": "python -m benchmarks.train_data " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "jpeg_bytes_mean": int(np.mean([len(b) for b in bases])), "image": "512x384 JPEG -> 64x64",
+        "device": a.device, "jpeg_bytes_mean": int(np.mean([len(b) for b in bases])), "image": "512x384 JPEG -> 64x64",
         "epoch_runs": runs,
     }
     tmp = Path(tempfile.mkdtemp(prefix="train-data-bench-", dir=a.tmp))
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             if "loader_samples_per_s" not in results:
                 results["loader_samples_per_s"] = {w: round(loader_rate(folder, w, a.rate_samples), 1) for w in (0, 1, 2)}
                 print("loader samples/s by workers:", results["loader_samples_per_s"], flush=True)  # noqa: T201
-            run = one_epoch(folder, tmp / f"run{n}", a.workers)
+            run = one_epoch(folder, tmp / f"run{n}", a.workers, a.device)
             runs[str(n)] = run
             print(n, run, flush=True)  # noqa: T201
             shutil.rmtree(folder)

@@ -77,6 +77,13 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        # asked for a GPU: training on the CPU instead would be a surprise, hours later
+        from .data import DataError
+
+        raise DataError("--device cuda: torch sees no CUDA device here (a CPU-only torch, or no GPU); use --device auto or cpu")
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:

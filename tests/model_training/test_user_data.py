@@ -183,3 +183,12 @@ def test_the_photo_preset_trains_and_exports_with_parity(tiny_data: Path, tmp_pa
     assert any("running_mean" in k for k in ckpt["state_dict"])
     manifest = export_artifact(tmp_path / "run" / "best.pt", tmp_path / "art", name="photo-smoke")
     assert manifest["parity"]["max"] < 1e-4 and load_manifest(tmp_path / "art").image_size == 32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA trains on it")
+def test_asking_for_a_gpu_that_is_not_there_is_an_error(tmp_path: Path) -> None:
+    rows = write_images(tmp_path, 30)
+    out = cli("train", "--data", str(write_csv(tmp_path / "d.csv", rows)), "--out-dir", str(tmp_path / "run"),
+              "--preset", "smoke", "--device", "cuda")
+    assert out.returncode == 2 and "--device cuda: torch sees no CUDA device" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
