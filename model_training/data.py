@@ -11,6 +11,7 @@ exactly the pixels serving will.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -361,6 +362,10 @@ class DataSpec:
     test_frac: float = 0.1
     group_key: str | None = None
 
+    def only(self, unit: str) -> DataSpec:
+        """The same spec over one shard or manifest."""
+        return dataclasses.replace(self, sources=[unit])
+
     def samples(self, report: SkipReport) -> Iterator[tuple[str, Sample]]:
         """(split, sample) for every readable sample, in source order."""
         for s in read_any(self.sources, report, self.label_key, self.label_map, self.group_key):
@@ -391,8 +396,7 @@ def _scan_unit(job: tuple[DataSpec, str]) -> tuple[dict[str, Counter[str]], list
     report = SkipReport()
     per_split: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
     captions: list[str] = []
-    one = DataSpec([unit], spec.seed, spec.label_key, spec.label_map, spec.val_frac, spec.test_frac, spec.group_key)
-    for split, s in one.samples(report):
+    for split, s in spec.only(unit).samples(report):
         per_split[split][s.label] += 1
         if split == "train":
             captions.append(s.caption)

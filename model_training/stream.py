@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from classifier_core.images import ImageError, load_image
 from classifier_core.text import TextEncoder, pad_ids
 
-from .data import TRAIN_MAX_PIXELS, DataSpec, Sample, SkipReport, split_of, units
+from .data import TRAIN_MAX_PIXELS, DataSpec, Sample, SkipReport, units
 
 SHUFFLE_BUFFER = 10_000  # metadata records (a few hundred bytes each), not decoded images
 
@@ -55,8 +55,7 @@ def ordered_samples(spec: DataSpec, split: str, labels: set[str], epoch: int, sh
 
     def walk() -> Iterator[Sample]:
         for unit in order:
-            one = DataSpec([unit], spec.seed, spec.label_key, spec.label_map, spec.val_frac, spec.test_frac, spec.group_key)
-            for name, s in one.samples(quiet):
+            for name, s in spec.only(unit).samples(quiet):
                 if name == split and s.label in labels:
                     yield s
 
@@ -193,4 +192,4 @@ def collect(spec: DataSpec, split: str, labels: list[str], image_size: int, limi
                      [x for c in got for x in c.labels])
 
 
-__all__ = ["SplitStream", "StreamConfig", "chunks", "collect", "digest", "loader", "ordered_samples", "split_of"]
+__all__ = ["SplitStream", "StreamConfig", "chunks", "collect", "digest", "loader", "ordered_samples"]
