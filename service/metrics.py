@@ -32,6 +32,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.queue_wait = Histogram("classifier_queue_wait_seconds", "time a row waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.v2_unknown_keys = Counter("classifier_v2_unknown_keys_total",
+                                       "keys of /v2 inference requests the service does not read (ignored), by level: "
+                                       "request, input, output, parameters", ["level"], registry=self.registry)
         self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry,
                                  multiprocess_mode="livesum")
         self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",

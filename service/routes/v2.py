@@ -7,14 +7,19 @@ Supports the binary tensor data extension (``Inference-Header-Content-Length``,
 ``binary_data_size``, ``binary_data`` / ``binary_data_output``), which ``tritonclient[http]``
 uses by default. Errors are the protocol's ``{"error": message}`` (with our ``code`` beside it).
 
-The request header is validated with strict pydantic models (the protocol's JSON schema as
-reference) before anything is allocated: a number where text belongs, a non-integer shape, a
-non-finite float or JSON nested deeper than the models allow is a 400, never a 500.
+The request header is validated with pydantic models (the protocol's JSON schema as reference)
+before anything is allocated: strict on every key the service reads (a number where text belongs,
+a non-integer shape, a non-finite float or JSON nested deeper than the models allow is a 400,
+never a 500), tolerant of keys it does not read, as the protocol allows and KServe's own server
+is: KServe's SDK sends ``model_name`` in the body, Triton's clients ``sequence_id`` or
+``priority`` parameters. Such keys are ignored, counted in ``classifier_v2_unknown_keys_total``
+by level and logged at debug; their number and the length of their names are bounded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -32,10 +37,15 @@ from ..errors import BadRequest, ServiceError, describe_validation_errors, trunc
 from ..pipeline import Pipeline, Row, RowError
 from ..predictor import Prediction
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
 PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
 MAX_TENSORS = 16  # inputs or outputs named in one request
 MAX_ELEMENTS = 4096  # JSON data elements per tensor, before the pipeline's own row limit
+MAX_UNKNOWN_KEYS = 64  # keys the service does not read, per object (request, input, output, parameters)
+MAX_UNKNOWN_KEY_CHARS = 256  # the length of such a key's name
+# parameters the service reads; any other parameter is the protocol's or a client's own, and ignored
+KNOWN_PARAMETERS = {"request": {"binary_data_output"}, "input": {"binary_data_size"}, "output": {"binary_data"}}
 
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 Scalar = StrictBool | StrictInt | FiniteFloat | Annotated[StrictStr, Field(max_length=1024)]
@@ -43,11 +53,14 @@ Parameters = Annotated[dict[Annotated[StrictStr, Field(max_length=128)], Scalar]
 Text = Annotated[StrictStr, Field(max_length=64 * 1024 * 1024)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Open(BaseModel):
+    """Strict types for the fields declared here; other keys are kept aside (``model_extra``),
+    checked for number and name length by :func:`unknown_keys`, and otherwise ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-class InferInput(_Strict):
+class InferInput(_Open):
     name: Annotated[StrictStr, Field(max_length=128)]
     shape: Annotated[list[Annotated[StrictInt, Field(ge=0, le=1 << 31)]], Field(max_length=8)]
     datatype: Annotated[StrictStr, Field(max_length=16)]
@@ -56,12 +69,12 @@ class InferInput(_Strict):
     data: Annotated[list[Text | Annotated[list[Text], Field(max_length=MAX_ELEMENTS)]], Field(max_length=MAX_ELEMENTS)] | None = None
 
 
-class RequestedOutput(_Strict):
+class RequestedOutput(_Open):
     name: Annotated[StrictStr, Field(max_length=128)]
     parameters: Parameters | None = None
 
 
-class InferRequest(_Strict):
+class InferRequest(_Open):
     id: Annotated[StrictStr, Field(max_length=256)] | None = None
     parameters: Parameters | None = None
     inputs: Annotated[list[InferInput], Field(min_length=1, max_length=MAX_TENSORS)]
@@ -100,6 +113,37 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
 
 def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def _unknown_in(level: str, keys: Any, known: set[str] | None = None) -> list[str]:
+    names = [k for k in keys if known is None or k not in known]
+    if len(names) > MAX_UNKNOWN_KEYS:
+        raise _bad(f"the {level} object has {len(names)} keys the service does not read; the limit is {MAX_UNKNOWN_KEYS}")
+    for k in names:
+        if len(k) > MAX_UNKNOWN_KEY_CHARS:
+            raise _bad(f"the {level} object has a key of {len(k)} characters; the limit is {MAX_UNKNOWN_KEY_CHARS}")
+    return names
+
+
+def unknown_keys(req: InferRequest) -> dict[str, list[str]]:
+    """level -> the keys the service does not read, at every level the protocol leaves open
+    (request, each input and requested output, and their parameters); bounded in number and length."""
+    found: dict[str, list[str]] = {}
+
+    def add(level: str, keys: Any, known: set[str] | None = None) -> None:
+        names = _unknown_in(level, keys, known)
+        if names:
+            found.setdefault(level, []).extend(names)
+
+    add("request", req.model_extra or {})
+    add("parameters", req.parameters or {}, KNOWN_PARAMETERS["request"])
+    for t in req.inputs:
+        add("input", t.model_extra or {})
+        add("parameters", t.parameters or {}, KNOWN_PARAMETERS["input"])
+    for o in req.outputs or []:
+        add("output", o.model_extra or {})
+        add("parameters", o.parameters or {}, KNOWN_PARAMETERS["output"])
+    return found
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -282,6 +326,12 @@ async def infer(request: Request, pipeline: PipelineDep, name: str, version: str
         req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)
     else:
         req, binary = parse_request(body, header_length)
+    ignored = unknown_keys(req)
+    for level, keys in ignored.items():
+        pipeline.metrics.v2_unknown_keys.labels(level).inc(len(keys))
+    if ignored and log.isEnabledFor(logging.DEBUG):
+        log.debug("ignored keys the service does not read: %s",
+                  "; ".join(f"{lv}: {', '.join(truncate(k, 40) for k in ks[:8])}" for lv, ks in ignored.items()))
     rows = to_rows(read_inputs(req, binary))
     selection = select_outputs(req)
     answers = await pipeline.run(rows, request.state)
