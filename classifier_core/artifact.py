@@ -59,6 +59,9 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ECE before/after (none: T = 1)
+    ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution score: method, output, threshold
+    backbone: dict[str, Any] = field(default_factory=dict)  # pretrained image backbone: name, weights sha256, licence
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -82,6 +85,9 @@ class Manifest:
                 metrics=dict(d.get("metrics", {})),
                 libraries=dict(d.get("libraries", {})),
                 preprocessing=dict(d.get("preprocessing", {})),
+                calibration=dict(d.get("calibration") or {}),
+                ood=dict(d.get("ood") or {}),
+                backbone=dict(d.get("backbone") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{MANIFEST}: missing or invalid field: {exc}") from exc
@@ -102,6 +108,21 @@ class Manifest:
                     "(the built-in dataset), not on photographs: expect confident nonsense on real photos.")
         sources = ", ".join(str(s) for s in self.data.get("sources", [])) or "unrecorded data"
         return f"Trained on {total:,} image-caption pairs from {sources}." if total else f"Trained on {sources}."
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature fitted at export; 1.0 for artifacts without one."""
+        t = float(self.calibration.get("temperature", 1.0))
+        return t if t > 0 else 1.0
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The out-of-distribution score above which a sample is unlike the training data, if the
+        artifact has that score."""
+        if "threshold" not in self.ood or self.ood.get("output") not in {o.name for o in self.outputs}:
+            return None
+        t = float(self.ood["threshold"])
+        return t if t > 0 else None
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)

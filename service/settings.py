@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 10 * 1024 * 1024  # one image file; the request body may add 64 KiB of form overhead
     max_image_pixels: int = 40_000_000  # width x height from the header, checked before decoding
     max_description_chars: int = 2000
+    # below this calibrated confidence an answer abstains ("label": null, "abstained": true); 0 = never.
+    # Each request may set its own (?min_confidence= on /classify and /classify/batch, a V2 parameter)
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+    # abstain when the artifact's out-of-distribution score says the input is unlike the training
+    # data (a photo shown to a model of drawings), whatever the confidence
+    ood_abstain: bool = True
     max_batch_items: int = 64  # items per POST /classify/batch
     max_batch_body_bytes: int = 32 * 1024 * 1024  # whole JSON body of /classify/batch
     max_batch_size: int = 32  # rows per onnxruntime call (dynamic batching); larger batches are split

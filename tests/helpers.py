@@ -107,6 +107,21 @@ def synthetic_samples(n: int, seed: int = 11) -> list[tuple[bytes, str, str]]:
     return [(jpg, cap, meta["label"]) for _, jpg, cap, meta in generate(GeneratorConfig(seed=seed, num_samples=n))]  # type: ignore[misc]
 
 
+def calibrated(probs: np.ndarray, model_dir: Path) -> np.ndarray:
+    """What the service answers for the graph's probabilities: the artifact's temperature applied,
+    softmax(log p / T) (written here from the definition, not taken from the service)."""
+    t = float(read_json(model_dir / "manifest.json").get("calibration", {}).get("temperature", 1.0))
+    z = np.log(np.maximum(np.asarray(probs, np.float64), 1e-45)) / t
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def best_guess(body: dict[str, Any]) -> str:
+    """The label a /classify answer ranks first, whether or not it abstained (label null)."""
+    assert body["abstained"] == (body["label"] is None), body
+    return str(body["predictions"][0]["label"])
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..deps import Explain, PipelineDep, TopK
+from ..deps import Explain, MinConfidence, PipelineDep, TopK
 from ..errors import BadRequest, InvalidField, ServiceError, truncate
 from ..pipeline import Pipeline, Row, RowError
 from ..predictor import Prediction
@@ -49,15 +49,22 @@ BATCH_BODY_SCHEMA = {
 }
 
 
-def render(p: Prediction, labels: list[str], model: dict[str, str], top_k: int, explain: bool, request_id: str) -> dict[str, Any]:
+def render(p: Prediction, labels: list[str], model: dict[str, str], top_k: int, explain: bool, request_id: str,
+           min_confidence: float = 0.0, use_ood: bool = True) -> dict[str, Any]:
     order = p.probabilities.argsort(kind="stable")[::-1][:top_k]
+    reason = p.abstain_reason(min_confidence, use_ood)
     out: dict[str, Any] = {
-        "label": labels[int(order[0])],
+        "label": None if reason else labels[int(order[0])],
         "confidence": float(p.probabilities[order[0]]),
+        "abstained": reason is not None,
         "predictions": [{"label": labels[int(i)], "score": float(p.probabilities[i])} for i in order],
         "model": model,
         "request_id": request_id,
     }
+    if reason:
+        out["abstain_reason"] = reason
+    if p.ood is not None:
+        out["ood_score"] = p.ood
     if explain:
         out["text_attention"] = [{"token": t, "weight": float(w)} for t, w in zip(p.tokens, p.attention, strict=True)]
     return out
@@ -106,7 +113,8 @@ async def read_form_row(request: Request) -> Row:
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_FORM_SCHEMA, response_model_exclude_none=True,
              summary="Classify one image with its description",
              responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
-async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False) -> Any:
+async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
+                   min_confidence: MinConfidence = None) -> Any:
     pipeline.require_ready()
     pipeline.check_top_k(top_k)
     pipeline.refuse_if_full()
@@ -118,7 +126,8 @@ async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, exp
         raise answer.exception()
     # a ready response skips FastAPI's re-validation of the model; the OpenAPI fuzz test checks
     # these answers against the declared schema
-    return JSONResponse(render(answer, pipeline.labels, _model_ref(pipeline), top_k, explain, request.state.request_id))
+    return JSONResponse(render(answer, pipeline.labels, _model_ref(pipeline), top_k, explain, request.state.request_id,
+                               pipeline.min_confidence(min_confidence), pipeline.settings.ood_abstain))
 
 
 def parse_batch(body: bytes) -> BatchRequest:
@@ -136,7 +145,8 @@ def parse_batch(body: bytes) -> BatchRequest:
 @router.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
              summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
              responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
-async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False) -> Any:
+async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
+                         min_confidence: MinConfidence = None) -> Any:
     pipeline.require_ready()
     pipeline.check_top_k(top_k)
     pipeline.refuse_if_full()
@@ -148,10 +158,11 @@ async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 
     rows = [Row(item.image_base64, item.description, base64=True) for item in payload.items]
     answers = await pipeline.run(rows, request.state)
     rid, labels, model = request.state.request_id, pipeline.labels, _model_ref(pipeline)
+    threshold, use_ood = pipeline.min_confidence(min_confidence), pipeline.settings.ood_abstain
     results: list[dict[str, Any]] = []
     for i, a in enumerate(answers):
         if isinstance(a, RowError):
             results.append({"error": {"code": a.code, "message": f"items[{i}]: {a.message}"}})
         else:
-            results.append(render(a, labels, model, top_k, explain, f"{rid}-{i}"))
+            results.append(render(a, labels, model, top_k, explain, f"{rid}-{i}", threshold, use_ood))
     return JSONResponse({"results": results})

@@ -1,8 +1,11 @@
 """Open Inference Protocol (KServe V2 REST): an adapter over the same pipeline as ``/classify``.
 
 Inputs: ``image`` (BYTES, shape [N]: encoded image files; base64 strings when sent as JSON
-data) and ``description`` (BYTES, [N]; optional). Outputs: ``label`` (BYTES), ``probabilities``
-(FP32, [N, C]) and ``text_attention`` (FP32, [N, L], zero past each caption's tokens).
+data) and ``description`` (BYTES, [N]; optional). Outputs: ``label`` (BYTES; empty where the
+service abstains), ``probabilities`` (FP32, [N, C], calibrated), ``text_attention`` (FP32, [N, L],
+zero past each caption's tokens), ``abstained`` (BOOL, [N]) and ``ood_score`` (FP32, [N]: above 1
+the input is unlike the training data; NaN for artifacts without the score). The request parameter
+``min_confidence`` (a number in [0, 1]) sets this request's abstention threshold.
 Supports the binary tensor data extension (``Inference-Header-Content-Length``,
 ``binary_data_size``, ``binary_data`` / ``binary_data_output``), which ``tritonclient[http]``
 uses by default. Errors are the protocol's ``{"error": message}`` (with our ``code`` beside it).
@@ -45,7 +48,8 @@ MAX_ELEMENTS = 4096  # JSON data elements per tensor, before the pipeline's own 
 MAX_UNKNOWN_KEYS = 64  # keys the service does not read, per object (request, input, output, parameters)
 MAX_UNKNOWN_KEY_CHARS = 256  # the length of such a key's name
 # parameters the service reads; any other parameter is the protocol's or a client's own, and ignored
-KNOWN_PARAMETERS = {"request": {"binary_data_output"}, "input": {"binary_data_size"}, "output": {"binary_data"}}
+KNOWN_PARAMETERS = {"request": {"binary_data_output", "min_confidence"}, "input": {"binary_data_size"},
+                    "output": {"binary_data"}}
 
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 Scalar = StrictBool | StrictInt | FiniteFloat | Annotated[StrictStr, Field(max_length=1024)]
@@ -222,7 +226,16 @@ def _check_model(pipeline: Pipeline, name: str, version: str | None) -> None:
                            code="not_found", status=404)
 
 
-OUTPUT_NAMES = ("label", "probabilities", "text_attention")
+OUTPUT_NAMES = ("label", "probabilities", "text_attention", "abstained", "ood_score")
+
+
+def request_min_confidence(req: InferRequest, pipeline: Pipeline) -> float:
+    value = (req.parameters or {}).get("min_confidence")
+    if value is None:
+        return pipeline.min_confidence()
+    if type(value) not in (int, float) or not 0.0 <= float(value) <= 1.0:
+        raise _bad("parameter min_confidence must be a number between 0 and 1")
+    return float(value)
 
 
 def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
@@ -244,7 +257,7 @@ def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
 
 
 def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], pipeline: Pipeline,
-           name: str) -> Response:
+           name: str, min_confidence: float) -> Response:
     m = pipeline.predictor.manifest
     assert m is not None
     n = len(preds)
@@ -253,11 +266,15 @@ def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Pre
     attn = np.zeros((n, width), np.float32)
     for i, p in enumerate(preds):
         attn[i, : len(p.attention)] = p.attention
-    labels = [m.labels[int(i)] for i in probs.argmax(1)]
+    abstained = np.array([p.abstain_reason(min_confidence, pipeline.settings.ood_abstain) is not None for p in preds])
+    labels = ["" if a else m.labels[int(i)] for a, i in zip(abstained, probs.argmax(1))]
+    ood = np.array([np.nan if p.ood is None else p.ood for p in preds], np.float32)
     tensors: dict[str, tuple[str, list[int], Any]] = {
         "label": ("BYTES", [n], labels),
         "probabilities": ("FP32", [n, len(m.labels)], probs),
         "text_attention": ("FP32", [n, width], attn),
+        "abstained": ("BOOL", [n], abstained),
+        "ood_score": ("FP32", [n], ood),
     }
     outputs, blobs = [], []
     for out_name, binary in selection:
@@ -268,7 +285,8 @@ def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Pre
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = list(value) if dtype == "BYTES" else value.reshape(-1).tolist()
+            # JSON has no NaN: a missing OOD score is null
+            entry["data"] = list(value) if dtype == "BYTES" else [None if x != x else x for x in value.reshape(-1).tolist()]
         outputs.append(entry)
     head: dict[str, Any] = {"model_name": name, "model_version": m.version, "outputs": outputs}
     if req.id is not None:
@@ -305,8 +323,12 @@ async def model_metadata(pipeline: PipelineDep, name: str, version: str | None =
                    {"name": "description", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]},
-                    {"name": "text_attention", "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {"labels": m.labels, "image_size": m.image_size, "max_caption_tokens": m.max_len},
+                    {"name": "text_attention", "datatype": "FP32", "shape": [-1, -1]},
+                    {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
+                    {"name": "ood_score", "datatype": "FP32", "shape": [-1]}],
+        "parameters": {"labels": m.labels, "image_size": m.image_size, "max_caption_tokens": m.max_len,
+                       "temperature": m.temperature, "min_confidence": pipeline.min_confidence(),
+                       "ood_abstain": pipeline.settings.ood_abstain and m.ood_threshold is not None},
     }
 
 
@@ -334,11 +356,12 @@ async def infer(request: Request, pipeline: PipelineDep, name: str, version: str
                   "; ".join(f"{lv}: {', '.join(truncate(k, 40) for k in ks[:8])}" for lv, ks in ignored.items()))
     rows = to_rows(read_inputs(req, binary))
     selection = select_outputs(req)
+    min_confidence = request_min_confidence(req, pipeline)
     answers = await pipeline.run(rows, request.state)
     for i, a in enumerate(answers):
         if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
             raise a.exception(f"image[{i}]: ")
-    return render(req, selection, [a for a in answers if isinstance(a, Prediction)], pipeline, name)
+    return render(req, selection, [a for a in answers if isinstance(a, Prediction)], pipeline, name, min_confidence)
 
 
 for _prefix in ("/models/{name}", "/models/{name}/versions/{version}"):

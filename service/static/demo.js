@@ -33,6 +33,8 @@ async function loadModel() {
   $("model-name").textContent = m.name;
   $("model-version").textContent = `version ${m.version} · ${m.providers[0] || ""}`;
   $("trained-on").textContent = m.trained_on || "";
+  const abstention = m.abstention || {};
+  $("min-confidence").value = Math.round(100 * (abstention.min_confidence || 0));
   $("labels").replaceChildren(...m.labels.map((l) => {
     const s = document.createElement("span"); s.className = "label-chip"; s.textContent = l; return s;
   }));
@@ -47,7 +49,19 @@ function setFile(f) {
   $("drop-text").textContent = f.name;
 }
 
+function verdict(result) {
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  if (!result.abstained) return { text: `${result.label} (${pct(result.confidence)})`, unsure: false };
+  if (result.abstain_reason === "out_of_distribution") {
+    return { text: `Not sure: this image is unlike anything the model was trained on (out-of-distribution score ${result.ood_score.toFixed(2)}, above 1 is unlike). Its best guess is below.`, unsure: true };
+  }
+  return { text: `Not sure: the best guess has ${pct(result.confidence)} confidence, under the ${$("min-confidence").value}% asked for.`, unsure: true };
+}
+
 function render(result) {
+  const v = verdict(result);
+  $("verdict").textContent = v.text;
+  $("verdict").classList.toggle("unsure", v.unsure);
   const bars = result.predictions.map((p) => {
     const li = document.createElement("li"); li.className = "bar";
     const name = document.createElement("span"); name.className = "label"; name.textContent = p.label;
@@ -77,7 +91,9 @@ async function classify(event) {
   form.append("description", $("description").value);
   $("submit").disabled = true;
   try {
-    const resp = await fetch(`/classify?top_k=${$("top-k").value}&explain=true`, { method: "POST", body: form, headers: headers() });
+    const minConfidence = Math.min(100, Math.max(0, Number($("min-confidence").value) || 0)) / 100;
+    const query = `top_k=${$("top-k").value}&explain=true&min_confidence=${minConfidence}`;
+    const resp = await fetch(`/classify?${query}`, { method: "POST", body: form, headers: headers() });
     if (!resp.ok) {
       if (resp.status === 401) $("key-row").hidden = false;
       showError(await errorMessage(resp));

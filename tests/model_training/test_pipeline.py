@@ -38,7 +38,7 @@ def test_artifact_is_complete_and_checksummed(tiny_artifact: Path) -> None:
     m = load_manifest(tiny_artifact)
     assert m.name == "tiny" and m.version == "0.0.1" and len(m.labels) == 8
     assert [t.name for t in m.inputs] == ["image", "input_ids"]
-    assert [t.name for t in m.outputs] == ["probabilities", "text_attention"]
+    assert [t.name for t in m.outputs] == ["probabilities", "text_attention", "ood_score"]
     for name, digest in m.files.items():
         assert sha256_file(tiny_artifact / name) == digest
     assert {"model.onnx", "tokenizer.json", "eval_report.json", "confusion_matrix.png"} <= set(m.files)
@@ -54,21 +54,35 @@ def test_onnx_has_dynamic_batch_and_sequence(tiny_artifact: Path) -> None:
     assert ins["image"].type == "tensor(uint8)" and ins["input_ids"].type == "tensor(int64)"
     assert isinstance(ins["input_ids"].shape[0], str) and isinstance(ins["input_ids"].shape[1], str)
     for n, length in ((1, 1), (5, 40), (33, 3)):
-        p, a = sess.run(None, {"image": np.zeros((n, 32, 32, 3), np.uint8), "input_ids": np.full((n, length), 3, np.int64)})
-        assert p.shape == (n, 8) and a.shape == (n, length)
+        p, a, ood = sess.run(None, {"image": np.zeros((n, 32, 32, 3), np.uint8), "input_ids": np.full((n, length), 3, np.int64)})
+        assert p.shape == (n, 8) and a.shape == (n, length) and ood.shape == (n,)
         assert np.allclose(p.sum(1), 1, atol=1e-5)
 
 
-def test_parity_check_catches_a_wrong_model(tiny_run: Path, tiny_artifact: Path) -> None:
+def _wrapper_of(tiny_run: Path, tiny_artifact: Path) -> InferenceWrapper:
+    """The exported torch wrapper again: the checkpoint, with the OOD head's buffers read back from the ONNX file."""
+    from onnx import numpy_helper
+
+    from model_training.calibrate import OODFit, OODHead
     from model_training.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(tiny_run / "best.pt")
-    with torch.no_grad():
-        model.head.bias += 1.0 * torch.arange(model.head.bias.numel())  # torch now differs from the ONNX file
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tiny_artifact / "model.onnx")).graph.initializer}
+    centres = inits["ood.centres_t"].T + inits["ood.origin"]
+    head = OODHead(OODFit(inits["ood.whiten"], centres, np.ones(len(centres), bool)))
+    return InferenceWrapper(model, head).eval()
+
+
+def test_parity_check_catches_a_wrong_model(tiny_run: Path, tiny_artifact: Path) -> None:
     imgs = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    diff = check_parity(InferenceWrapper(model).eval(), tiny_artifact / "model.onnx", imgs, [[3, 4], [5], [6, 7, 8], [9]], 4, 20)
-    assert diff["max"] > 1e-3
-    assert issubclass(ExportError, RuntimeError)
+    rows = [[3, 4], [5], [6, 7, 8], [9]]
+    wrapper = _wrapper_of(tiny_run, tiny_artifact)
+    assert check_parity(wrapper, tiny_artifact / "model.onnx", imgs, rows, 4, 20)["max"] <= 1e-4
+    with torch.no_grad():
+        wrapper.model.head.bias += 1.0 * torch.arange(wrapper.model.head.bias.numel())  # torch now differs from the ONNX file
+    assert check_parity(wrapper, tiny_artifact / "model.onnx", imgs, rows, 4, 20)["max"] > 1e-3
+    with pytest.raises(ExportError, match="outputs"):  # a graph without the OOD score is another model
+        check_parity(InferenceWrapper(wrapper.model).eval(), tiny_artifact / "model.onnx", imgs, rows, 4, 20)
 
 
 def test_export_that_breaks_parity_fails_and_leaves_nothing(tiny_run: Path, tmp_path: Path,

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
-from helpers import DEFAULT_MODEL, jpeg_bytes, png_bytes, synthetic_samples
+from helpers import DEFAULT_MODEL, best_guess, calibrated, jpeg_bytes, png_bytes, synthetic_samples
 from PIL import Image
 
 from classifier_core.images import load_image
@@ -48,10 +48,11 @@ def test_classify_response_shape(client: TestClient, tiny_artifact: Path) -> Non
     r = classify(client, top_k=3)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"label", "confidence", "predictions", "model", "request_id"}
+    assert {"label", "confidence", "abstained", "predictions", "model", "request_id", "ood_score"} <= set(body)
+    assert set(body) - {"abstain_reason"} == {"label", "confidence", "abstained", "predictions", "model", "request_id", "ood_score"}
     scores = [p["score"] for p in body["predictions"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
-    assert body["label"] == body["predictions"][0]["label"] and body["confidence"] == scores[0]
+    assert best_guess(body) == body["predictions"][0]["label"] and body["confidence"] == scores[0]
     assert body["model"] == {"name": "tiny", "version": "0.0.1"}
     assert body["request_id"] == r.headers["x-request-id"]
     assert "server" not in r.headers
@@ -65,9 +66,10 @@ def test_prediction_equals_in_process_onnxruntime(client: TestClient, tiny_artif
     text = TextEncoder.from_file(tiny_artifact / "tokenizer.json", m.max_len)
     for jpg, caption, _ in synthetic_samples(6):
         img = load_image(jpg, m.image_size)[None]
-        probs = sess.run(["probabilities"], {"image": img, "input_ids": text.pad([text.encode(caption)])})[0][0]
+        raw = sess.run(["probabilities"], {"image": img, "input_ids": text.pad([text.encode(caption)])})[0][0]
+        probs = calibrated(raw, tiny_artifact)
         body = classify(client, jpg, caption, top_k=8).json()
-        assert body["label"] == m.labels[int(np.argmax(probs))]
+        assert best_guess(body) == m.labels[int(np.argmax(probs))]
         got = {p["label"]: p["score"] for p in body["predictions"]}
         assert all(abs(got[lab] - float(probs[i])) < 1e-6 for i, lab in enumerate(m.labels))
 
@@ -170,7 +172,7 @@ def test_batch_mixed_items(client: TestClient) -> None:
     assert res[4]["error"]["code"] == "invalid_image"
     for i, (j, d, _) in zip((0, 2, 3), samples):
         single = classify(client, j, d, top_k=2).json()
-        assert res[i]["label"] == single["label"]
+        assert res[i]["label"] == single["label"] and res[i]["abstained"] == single["abstained"]
         assert [p["label"] for p in res[i]["predictions"]] == [p["label"] for p in single["predictions"]]
         assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(res[i]["predictions"], single["predictions"]))
 

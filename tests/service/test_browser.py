@@ -77,6 +77,13 @@ def test_demo_page_classifies_an_uploaded_image(browser: Browser, server: str, t
     assert tokens.all_inner_texts() == [t["token"] for t in ref["text_attention"]]
     weights = [float(tokens.nth(i).get_attribute("data-weight") or "nan") for i in range(tokens.count())]
     assert weights == pytest.approx([t["weight"] for t in ref["text_attention"]], abs=1e-6)
+    verdict = page.inner_text("#verdict")
+    assert verdict.startswith("Not sure") if ref["abstained"] else verdict.startswith(f"{ref['label']} (")
+    # asked for certainty no answer has: the page says it does not know, and still shows the guesses
+    page.fill("#min-confidence", "100")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('verdict').textContent.startsWith('Not sure')")
+    assert page.locator("#bars .bar .label").all_inner_texts() == labels
     # usable at phone width: nothing wider than the screen
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     assert blocked == []
