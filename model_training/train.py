@@ -172,6 +172,7 @@ class Progress:
     best_epoch: int = -1
     stale: int = 0
     phase: int = 1  # 1: the whole model, or after a frozen backbone; 2: the backbone's last blocks fine-tuned too
+    best_loss: float = math.inf  # the validation loss at best_val: breaks ties of accuracy (small validation splits)
 
 
 def train_limit(index: DataIndex, dd: distributed.Dist) -> int | None:
@@ -304,7 +305,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
                 f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
                      row["train_loss"], row["train_acc"], val.loss, val.accuracy)
-            stop = record_epoch(cfg, out, model, run.opt, run.sched, index, text, prog, val.accuracy, dd.world, backbone)
+            stop = record_epoch(cfg, out, model, run.opt, run.sched, index, text, prog, val, dd.world, backbone)
         if dd.broadcast_flag(stop):  # every rank stops the phase at the same epoch
             if prog.phase == 2 or cfg.finetune_epochs == 0:
                 break
@@ -346,7 +347,7 @@ def restore_progress(resume: dict[str, Any], model: FusedClassifier, dd: distrib
     if "cuda_rng" in extra and dd.device.type == "cuda":
         torch.cuda.set_rng_state(extra["cuda_rng"], dd.device)  # dropout on the GPU
     return Progress(int(extra["epoch"]), float(extra["best_val"]), int(extra["best_epoch"]), int(extra["stale"]),
-                    int(extra.get("phase", 1)))
+                    int(extra.get("phase", 1)), float(extra.get("best_loss", math.inf)))
 
 
 class Run:
@@ -402,14 +403,20 @@ def feature_cache(model: FusedClassifier, cfg: TrainConfig, spec: DataSpec, spli
 
 
 def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch.optim.Optimizer, sched: Any,
-                 index: DataIndex, text: TextEncoder, prog: Progress, val_acc: float, world: int,
+                 index: DataIndex, text: TextEncoder, prog: Progress, val: SplitResult, world: int,
                  backbone: dict[str, Any] | None = None) -> bool:
-    """Checkpoints and early stopping after an epoch (rank 0); True to stop (the phase)."""
+    """Checkpoints and early stopping after an epoch (rank 0); True to stop (the phase).
+
+    Better = a higher validation accuracy, or the same with a lower validation loss: on a small
+    validation split accuracy plateaus at once, and the first epoch of a plateau is rarely the best.
+    """
     stop = False
+    val_acc, val_loss = val.accuracy, val.loss
     score = val_acc if val_acc == val_acc else float(prog.epoch)  # no val figure: keep the latest epoch
+    loss = val_loss if val_loss == val_loss else math.inf
     info = {"backbone": backbone} if backbone else {}
-    if score > prog.best_val:
-        prog.best_val, prog.best_epoch, prog.stale = score, prog.epoch, 0
+    if score > prog.best_val or (score == prog.best_val and loss < prog.best_loss):
+        prog.best_val, prog.best_loss, prog.best_epoch, prog.stale = score, loss, prog.epoch, 0
         save_checkpoint(out / "best.pt", model, index.labels, text, cfg,
                         {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "phase": prog.phase, **info})
     else:
@@ -420,7 +427,7 @@ def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch
     # the latest state, with the optimizer's, so an interrupted run can be inspected or continued
     save_checkpoint(out / "last.pt", model, index.labels, text, cfg,
                     {"epoch": prog.epoch, "val_acc": val_acc, "world_size": world, "best_val": prog.best_val,
-                     "best_epoch": prog.best_epoch, "stale": prog.stale, "phase": prog.phase, **info,
+                     "best_loss": prog.best_loss, "best_epoch": prog.best_epoch, "stale": prog.stale, "phase": prog.phase, **info,
                      **({"scheduler": sched.state_dict()} if sched is not None else {}),
                      **({"cuda_rng": torch.cuda.get_rng_state(next(model.parameters()).device)}
                         if next(model.parameters()).is_cuda else {})},
