@@ -24,12 +24,15 @@ class ClassifierError(RuntimeError):
 
 @dataclass
 class Classification:
-    label: str
+    label: str | None  # None when the service abstained (see abstain_reason; predictions still hold its guesses)
     confidence: float
     predictions: list[tuple[str, float]]
     model: dict[str, str]
     request_id: str
     text_attention: list[tuple[str, float]] | None = None
+    abstained: bool = False
+    abstain_reason: str | None = None  # low_confidence | out_of_distribution
+    ood_score: float | None = None  # above 1.0: unlike the model's training data
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -37,7 +40,8 @@ class Classification:
         att = d.get("text_attention")
         return cls(d["label"], float(d["confidence"]), [(p["label"], float(p["score"])) for p in d["predictions"]],
                    dict(d["model"]), d["request_id"],
-                   [(t["token"], float(t["weight"])) for t in att] if att is not None else None, d)
+                   [(t["token"], float(t["weight"])) for t in att] if att is not None else None,
+                   bool(d.get("abstained", False)), d.get("abstain_reason"), d.get("ood_score"), d)
 
 
 def _raise_for(resp: httpx.Response) -> None:
