@@ -272,7 +272,9 @@ class RequestContextMiddleware:
 
     def _account(self, scope: Scope, ex: _Exchange, method: str, start: float) -> None:
         """Metrics and the access log line: the same fields for every route and protocol."""
-        template = getattr(scope.get("route"), "path", None) or ("unmatched" if ex.status == 404 else ex.path)
+        # labels and the log line name route templates only: a path no route matched is "unmatched",
+        # whatever its status (401, 405, 413...), so no client can add label values or forge log lines
+        template = getattr(scope.get("route"), "path", None) or "unmatched"
         elapsed = time.perf_counter() - start
         self.metrics.requests.labels(template, method, str(ex.status)).inc()
         self.metrics.request_latency.labels(template).observe(elapsed)

@@ -11,9 +11,12 @@ know where each request head starts and ends:
 * a head not complete ``header_timeout_s`` after its first byte (or after the connection
   opened) gets 408 and the connection is closed.
 
-Bodies pass through untouched (their size and time are the request middleware's). Framing it
-cannot follow (a malformed chunk size, say) stops the tracking for that connection and leaves
-the judgement to uvicorn's parser.
+Bodies pass through untouched (their size and time are the request middleware's). The guard
+fails closed: framing it cannot follow (a malformed chunk size, say) is answered 400 and the
+connection closed; it never stops watching a connection. Chunk sizes may carry leading zeros (as
+the parser underneath accepts them), trailers count against ``max_header_bytes``, and bytes
+between requests (a bare CRLF after a response, which cancels uvicorn's keep-alive timer) start the
+head clock, so an idle connection cannot be held open by sending nothing but line ends.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from .errors import error_body, render_json
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _OFF = range(6)
 MAX_CHUNK_LINE = 1024
 _DECIMAL = re.compile(rb"[0-9]{1,19}")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+MAX_CHUNK_DIGITS = 15  # significant hex digits of a chunk size (leading zeros aside): under 2**60
 
 
 def _error(status: int, reason: str, code: str, message: str) -> bytes:
@@ -63,6 +67,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.head = bytearray()  # the current head so far (bounded by MAX_HEADER_BYTES)
         self.remaining = 0  # body or chunk bytes still to pass
         self.line = bytearray()  # a chunk-size or trailer line so far
+        self.trailers = 0  # bytes of the current body's trailer section so far
         self.timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol, passed on -------------------------------------------------
@@ -119,12 +124,14 @@ class GuardedProtocol(asyncio.Protocol):
         while pos < n and self.state != _OFF:
             if self.state == _HEAD:
                 if not self.head:
+                    if self.timer is None:
+                        # a new head begins, or bytes between requests: the clock starts with the first
+                        # byte, line ends included (they cancel uvicorn's keep-alive timer)
+                        self._start_timer()
                     while pos < n and data[pos] in b"\r\n":  # empty lines before a request line are ignored
                         pos += 1
                     if pos == n:
                         break
-                    if self.timer is None:
-                        self._start_timer()  # a new head begins: its clock starts with its first byte
                     end = data.find(b"\r\n\r\n", pos, pos + self.MAX_HEADER_BYTES)
                     if end >= 0:  # the usual case: a whole head in one piece, nothing copied
                         self._head_done(data[pos : end + 4])
@@ -160,7 +167,14 @@ class GuardedProtocol(asyncio.Protocol):
                     self._refuse(_error(400, "Bad Request", "bad_request", "malformed chunked body"))
                     return False
                 if nl >= 0:
-                    self._line_done(bytes(self.line).strip())
+                    if self.state == _TRAILER:
+                        self.trailers += len(self.line)
+                        if self.trailers > self.MAX_HEADER_BYTES:
+                            self._refuse(_error(431, "Request Header Fields Too Large", "header_too_large",
+                                                f"the request's trailers exceed {self.MAX_HEADER_BYTES} bytes"))
+                            return False
+                    if not self._line_done(bytes(self.line).strip()):
+                        return False
                     self.line.clear()
         return True
 
@@ -186,17 +200,19 @@ class GuardedProtocol(asyncio.Protocol):
         else:
             self._next_head()
 
-    def _line_done(self, line: bytes) -> None:
+    def _line_done(self, line: bytes) -> bool:
+        """A chunk-size or trailer line; False when the connection was refused."""
         if self.state == _TRAILER:
             if not line:
                 self._next_head()
-            return
+            return True
         token = line.split(b";")[0].strip()
-        if not _HEX.fullmatch(token):
-            self.state = _OFF  # uvicorn's parser answers a malformed chunk size itself
-            return
+        if not _HEX.fullmatch(token) or len(token.lstrip(b"0")) > MAX_CHUNK_DIGITS:
+            self._refuse(_error(400, "Bad Request", "bad_request", "malformed chunked body"))  # fail closed
+            return False
         size = int(token, 16)
         if size == 0:
-            self.state = _TRAILER
+            self.state, self.trailers = _TRAILER, 0
         else:
             self.state, self.remaining = _CHUNK_DATA, size + 2  # the data and its CRLF
+        return True

@@ -393,3 +393,65 @@ def test_broken_framing_is_refused_and_the_worker_keeps_serving(server: tuple[An
             assert time.perf_counter() - t0 < 5  # closed by the server, not by our timeout
 
     attack(server, run)
+
+
+# --- second round: the guard never switches off; trailers, bare line ends, metric labels ----------
+def test_the_head_guard_cannot_be_switched_off(server: tuple[Any, str, Path]) -> None:
+    port = int(server[1].rsplit(":", 1)[1])
+
+    def run(url: str) -> None:
+        # a zero-padded chunk size (valid for the parser underneath) used to stop the guard watching the
+        # connection: the next request's 1 MB head must still be refused
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            # a route that reads its body (and so keeps the connection): answered 422, then the next head
+            s.sendall(b"POST /classify/batch HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0000000000000000002\r\n{}\r\n0\r\n\r\n")
+            time.sleep(0.3)
+            try:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = read_answer(s, timeout=5)
+        assert b"header_too_large" in answer, answer[-300:]
+        # a chunk size it cannot follow is refused, not handed on unwatched
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 20 + b"\r\nx")
+            answer = read_answer(s, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        # trailers count against the head limit: a flood is cut at 32 kB, not at the body timeout
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /classify/batch HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+            t0 = time.perf_counter()
+            try:
+                for _ in range(2000):  # 2000 x 1000 bytes of trailer lines
+                    s.sendall(b"X-T: " + b"t" * 993 + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = read_answer(s, timeout=5)
+        assert b"431" in answer.split(b"\r\n", 1)[0] and time.perf_counter() - t0 < 3, answer[:200]
+        # a bare CRLF after a response re-arms the clock: the idle connection is closed (header timeout 1 s)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.sendall(b"\r\n")
+            t0 = time.perf_counter()
+            rest = read_answer(s, timeout=8)
+            assert time.perf_counter() - t0 < 4, "a bare CRLF held the connection open"
+            assert rest == b"" or rest.startswith(b"HTTP/1.1 408"), rest[:200]
+
+    attack(server, run)
+
+
+def test_metric_labels_and_log_lines_name_route_templates_only(server: tuple[Any, str, Path]) -> None:
+    _, url, log_path = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v2/models/zz-413-probe%0aFORGED/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n")
+        assert read_answer(s, timeout=5).startswith(b"HTTP/1.1 413")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/static/zz-405-probe").status_code == 405
+        assert c.get("/zz-404-probe%0aFORGED").status_code == 404
+        metrics = c.get("/metrics").text
+    assert "zz-" not in metrics and 'route="unmatched"' in metrics
+    assert "FORGED" not in log_path.read_text(errors="replace")
