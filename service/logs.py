@@ -29,11 +29,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines, with control characters in the message escaped: whatever a client sends that
+    reaches a log message (a path, a key name) cannot start a line of its own or move the cursor.
+    A traceback, added after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging calls it by this name
+        return super().formatMessage(record).translate(_CONTROL)
+
+
 def log_config(level: str, fmt: str) -> dict[str, Any]:
     """A logging dictConfig for uvicorn's ``log_config``, so each worker process applies it."""
     formatter: dict[str, Any] = (
         {"()": "service.logs.JsonFormatter"} if fmt == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+        else {"()": "service.logs.TextFormatter", "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
     return {
         "version": 1,

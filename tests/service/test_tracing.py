@@ -35,3 +35,14 @@ def test_spans_for_request_and_batch(tiny_artifact: Path) -> None:
 def test_tracing_is_off_by_default() -> None:
     assert Settings().otel_exporter is None
     assert tracing.configure(None) is False
+
+
+def test_text_logs_escape_control_characters() -> None:
+    import logging
+
+    from service.logs import TextFormatter
+
+    fmt = TextFormatter("%(levelname)s %(message)s")
+    line = fmt.format(logging.LogRecord("x", logging.INFO, "f", 1, "GET %s", ("/a\nINFO forged\r\x1b[2J",), None))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line == "INFO GET /a\\nINFO forged\\r\\x1b[2J"
