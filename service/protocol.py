@@ -9,7 +9,9 @@ know where each request head starts and ends:
 
 * a head longer than ``max_header_bytes`` gets 431 and the connection is closed;
 * a head not complete ``header_timeout_s`` after its first byte (or after the connection
-  opened) gets 408 and the connection is closed.
+  opened) gets 408 and the connection is closed;
+* past ``max_connections`` open connections in this worker, a new one gets 503 and is closed
+  before uvicorn sees it (uvicorn's ``limit_concurrency`` answers 503 but keeps the connection).
 
 Bodies pass through untouched (their size and time are the request middleware's). The guard
 fails closed: framing it cannot follow (a malformed chunk size, say) is answered 400 and the
@@ -39,18 +41,20 @@ _HEX = re.compile(rb"[0-9A-Fa-f]+")
 MAX_CHUNK_DIGITS = 15  # significant hex digits of a chunk size (leading zeros aside): under 2**60
 
 
-def _error(status: int, reason: str, code: str, message: str) -> bytes:
+def _error(status: int, reason: str, code: str, message: str, extra: bytes = b"") -> bytes:
     body = render_json(error_body(code, message, ""))
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+            f"connection: close\r\n").encode() + extra + b"\r\n" + body
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+def guarded_protocol(max_header_bytes: int, header_timeout_s: float, max_connections: int = 1024) -> type[asyncio.Protocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these bounds."""
 
     class Guarded(GuardedProtocol):
         MAX_HEADER_BYTES = max_header_bytes
         HEADER_TIMEOUT_S = header_timeout_s
+        MAX_CONNECTIONS = max_connections
+        open_connections = 0  # this class's, i.e. this server's (one per worker process)
 
     return Guarded
 
@@ -58,9 +62,11 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
 class GuardedProtocol(asyncio.Protocol):
     MAX_HEADER_BYTES = 32 * 1024
     HEADER_TIMEOUT_S = 10.0
+    MAX_CONNECTIONS = 1024
+    open_connections = 0
 
     def __init__(self, **kwargs: Any) -> None:
-        self.inner = _Inner(**kwargs)
+        self.inner: asyncio.Protocol | None = _Inner(**kwargs)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.state = _HEAD
@@ -73,25 +79,40 @@ class GuardedProtocol(asyncio.Protocol):
     # --- asyncio.Protocol, passed on -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        cls = type(self)
+        if cls.open_connections >= self.MAX_CONNECTIONS:
+            # refused before uvicorn sees it: an idle flood cannot take every file descriptor
+            self.inner = None
+            self._refuse(_error(503, "Service Unavailable", "overloaded",
+                                f"this worker holds {cls.open_connections} connections, its limit",
+                                b"retry-after: 1\r\n"))
+            return
+        cls.open_connections += 1
         self._start_timer()
-        self.inner.connection_made(transport)  # type: ignore[arg-type]
+        assert self.inner is not None
+        self.inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
-        self.inner.connection_lost(exc)
+        if self.inner is not None:
+            type(self).open_connections -= 1
+            self.inner.connection_lost(exc)
 
     def eof_received(self) -> bool | None:
-        self.inner.eof_received()
+        if self.inner is not None:
+            self.inner.eof_received()
         return None  # close the transport, as uvicorn's protocols do
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self.inner is not None:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self.inner is not None:
+            self.inner.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        if self.state != _OFF and not self._track(data):
+        if self.inner is None or (self.state != _OFF and not self._track(data)):
             return  # refused: the connection is closing
         self.inner.data_received(data)
 

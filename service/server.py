@@ -93,7 +93,7 @@ def reuse_port_supported() -> bool:
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app, log_config=None, access_log=False, server_header=False, lifespan="on",
-        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections),
         # uvicorn's graceful shutdown starts after the drain delay; the supervisor's kill is the backstop
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s - settings.drain_delay_s)),
     )

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
     max_header_bytes: int = 32 * 1024  # request line + headers; longer heads get 431 and the connection closes
     header_timeout_s: float = 10.0  # a request head must arrive within this of its first byte (408, closed)
+    # open connections per worker process; past it a new connection gets 503 and is closed at once
+    max_connections: int = Field(default=1024, ge=1)
     body_timeout_s: float = 20.0  # the whole request body must arrive within this (slow senders get 408)
     drain_delay_s: float = 2.0  # after SIGTERM: /readyz answers 503 and requests are still served this long
     shutdown_grace_s: float = 30.0  # after SIGTERM: in-flight requests finish within this, then exit 0
