@@ -48,6 +48,38 @@ class ImageTooComplexError(ImageError):
     code = "image_too_complex"
 
 
+# Decoding cost is bounded by what the header implies, before anything is decoded:
+# * an image far wider than tall (or the reverse) is no photograph, and resampling 1 x 40,000,000
+#   pixels to a square allocates filter tables of gigabytes;
+MAX_ASPECT_RATIO = 100
+# * a file that declares far more pixels than its bytes could describe (a 34-byte WebP with a
+#   40-megapixel canvas) costs seconds and a gigabyte for nothing: solid-colour PNG, GIF and lossy
+#   WebP stay under about 1,400 pixels per byte, JPEG under 70; only lossless WebP of flat content
+#   goes beyond. Images up to RATIO_FREE_PIXELS are never refused for it;
+MAX_PIXELS_PER_BYTE = 2048
+RATIO_FREE_PIXELS = 4_000_000
+# * what the decoded image and one conversion of it take in memory (bytes per pixel of the decoded
+#   mode, plus an RGBA copy), estimated from the header.
+MAX_DECODE_BYTES = 512 * 1024 * 1024
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
+                    "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+
+
+def check_decode_cost(width: int, height: int, mode: str, encoded_bytes: int) -> None:
+    """Refuse, before decoding, an image whose decode would cost far more than an image's worth."""
+    pixels = width * height
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageTooComplexError(f"the image is {width}x{height}: an aspect ratio beyond {MAX_ASPECT_RATIO}:1 "
+                                   "is not a photograph")
+    if pixels > RATIO_FREE_PIXELS and pixels > MAX_PIXELS_PER_BYTE * encoded_bytes:
+        raise ImageTooComplexError(f"the image declares {pixels} pixels in {encoded_bytes} bytes (more than "
+                                   f"{MAX_PIXELS_PER_BYTE} pixels per byte): refused before decoding")
+    estimate = pixels * (_BYTES_PER_PIXEL.get(mode, 4) + 4)
+    if estimate > MAX_DECODE_BYTES:
+        raise ImageTooLargeError(f"decoding the {width}x{height} {mode} image would take about {estimate >> 20} MiB; "
+                                 f"the limit is {MAX_DECODE_BYTES >> 20} MiB")
+
+
 def jpeg_scans(data: bytes) -> int:
     """Start-of-scan markers in a JPEG: exact, since entropy-coded data escapes every 0xFF byte."""
     return data.count(b"\xff\xda")
@@ -77,29 +109,44 @@ def _high_bit_depth_to_rgb(im: Image.Image, size: int) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image, size: int) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited on white."""
+    """Any Pillow mode -> RGB at ``size`` x ``size``; transparency is composited on white.
+
+    Resized first, then composited: the full-size image is never copied more than once (a mode
+    conversion), and the compositing works on the small image. Pillow resizes RGBA with
+    premultiplied alpha, so compositing after resizing gives what compositing before would.
+    ``reducing_gap`` box-reduces by an integer factor first: the resampling filter's tables then
+    stay small whatever the input's size.
+    """
     if im.mode in HIGH_BIT_DEPTH_MODES:
-        return _high_bit_depth_to_rgb(im, size)
+        return _resized(_high_bit_depth_to_rgb(im, size), size)
     has_alpha = im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
         im.mode == "P" and "transparency" in im.info
     )
     if has_alpha:
-        rgba = im.convert("RGBA")
+        small = _resized(im if im.mode in ("RGBA", "LA") else im.convert("RGBA"), size)
+        rgba = small.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if im.mode != "RGB":
-        return im.convert("RGB")
-    return im
+    if im.mode in ("RGB", "L"):
+        return _resized(im, size).convert("RGB")
+    return _resized(im.convert("RGB"), size)
+
+
+def _resized(im: Image.Image, size: int) -> Image.Image:
+    if im.size == (size, size):
+        return im
+    return im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def load_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode an encoded image into the model's uint8 ``[size, size, 3]`` RGB array.
 
     Steps: read the header only and check its declared size against ``max_pixels``
-    (a decompression bomb never gets decoded); for JPEG ask for DCT-domain scaling
-    toward ``size`` (draft mode: much faster on large photos); decode the first frame;
-    apply the EXIF orientation; convert to RGB (alpha on white); resize. JPEGs with more
-    scans than any real encoder writes are refused before decoding (``MAX_JPEG_SCANS``).
+    (a decompression bomb never gets decoded) and what decoding it would cost
+    (``check_decode_cost``: aspect ratio, pixels per encoded byte, memory); for JPEG ask for
+    DCT-domain scaling toward ``size`` (draft mode: much faster on large photos); decode the
+    first frame; apply the EXIF orientation; resize; convert to RGB (alpha on white). JPEGs with
+    more scans than any real encoder writes are refused before decoding (``MAX_JPEG_SCANS``).
     """
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
@@ -122,6 +169,7 @@ def load_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndar
         raise ImageTooLargeError(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    check_decode_cost(width, height, im.mode, len(data))
     if im.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise ImageTooComplexError(f"the JPEG has {scans} scans; real encoders write at most a few dozen "
                                    f"(the limit is {MAX_JPEG_SCANS})")
@@ -132,10 +180,7 @@ def load_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndar
         im.seek(0)  # GIF/TIFF/WebP: the first frame
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: the default copies every image
-        rgb = _to_rgb(im, size)
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(rgb, dtype=np.uint8)
+        arr = np.asarray(_to_rgb(im, size), dtype=np.uint8)
     except ImageError:
         raise
     except Exception as exc:  # truncated data, bad EXIF, decoder errors

@@ -6,6 +6,7 @@ import argparse
 import logging
 import logging.config
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,14 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         if predictor is not None:
             sock = listen.bind()
             return serve_socket(settings, sock, predictor=predictor)
+        made = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # prometheus_client's own variable, read by each worker at import: one metrics view over all
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
+            made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classifier-metrics-")
         if owner:
             logging.getLogger("service").info("starting %d workers and one model owner process", workers)
         else:
             logging.getLogger("service").info("starting %d workers, %d onnxruntime threads each", workers, threads)
-        return Supervisor(settings, listen, workers, owner=owner).run()
+        try:
+            return Supervisor(settings, listen, workers, owner=owner).run()
+        finally:
+            if made is not None:  # ours: nothing is left in the temporary folder after the service stops
+                shutil.rmtree(made, ignore_errors=True)
     except PortInUse as exc:
         print(f"service: {exc}", file=sys.stderr)  # noqa: T201
         return 2

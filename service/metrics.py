@@ -8,6 +8,8 @@ prometheus_client keeps values in files there and ``render`` sums every worker's
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -40,9 +42,24 @@ class Metrics:
         self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",
                                 ["name", "version", "provider"], registry=self.registry, multiprocess_mode="max")
 
+        self._cache: tuple[float, bytes] = (-1e9, b"")
+        self._render_lock = threading.Lock()
+
     @staticmethod
     def multiprocess() -> bool:
         return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+    def render_cached(self, max_age_s: float = 1.0) -> bytes:
+        """``render`` at most once per ``max_age_s``: scrapes in a burst share one rendering, so its cost
+        (it reads every worker's files) is bounded however often /metrics is asked. Call it off the
+        event loop."""
+        with self._render_lock:  # concurrent scrapes wait for the one rendering, not render again
+            at, text = self._cache
+            now = time.monotonic()
+            if now - at >= max_age_s:
+                text = self.render()
+                self._cache = (time.monotonic(), text)
+            return text
 
     def render(self) -> bytes:
         if self.multiprocess():

@@ -194,9 +194,13 @@ class Pipeline:
         for the access log, the same fields whichever protocol called."""
         self.require_ready()
         self.check_row_count(len(rows))
+        # the request's time budget: a row still waiting for a decode thread when it runs out gets 504,
+        # so a batch of slow images costs at most this much of the decode pool, not a minute of it
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_ms / 1000
         with self.admission.admit(len(rows)):
             # one row (the common case) skips gather's task per row
-            answers = [await self._row(rows[0])] if len(rows) == 1 else list(await asyncio.gather(*map(self._row, rows)))
+            answers = ([await self._row(rows[0], deadline)] if len(rows) == 1
+                       else list(await asyncio.gather(*(self._row(r, deadline) for r in rows))))
         for a in answers:
             self.metrics.rows.labels("ok" if isinstance(a, Prediction) else a.code).inc()
         if state is not None:
@@ -205,10 +209,10 @@ class Pipeline:
             state.batch_size = max(sizes) if sizes else None
         return answers
 
-    async def _row(self, row: Row) -> Answer:
+    async def _row(self, row: Row, deadline: float) -> Answer:
         try:
             description = self._validate(row)
-            prepared = await self._prepare(row, description)
+            prepared = await self._prepare(row, description, deadline)
             return await self._submit(prepared)
         except _RowFailed as f:
             return f.error
@@ -267,7 +271,7 @@ class Pipeline:
             raise _RowFailed("invalid_description", f"the description could not be tokenized ({type(exc).__name__})") from None
         return Prepared(image, encoded)
 
-    async def _prepare(self, row: Row, description: str) -> Prepared:
+    async def _prepare(self, row: Row, description: str, deadline: float) -> Prepared:
         image = row.image
         if (not row.base64 and isinstance(image, bytes) and len(image) <= self.inline_decode_bytes
                 and image[:2] == b"\xff\xd8" and not is_progressive_jpeg(image)):
@@ -277,9 +281,16 @@ class Pipeline:
         # past the budget the row is answered at once; its thread runs on (Pillow cannot be
         # interrupted) and holds its executor slot until it ends, so overruns cannot pile up
         loop = asyncio.get_running_loop()
-        state = {"started": False, "done": False, "expired": False, "counted": False}
+        state = {"started": False, "done": False, "expired": False, "counted": False, "queued_out": False}
         budget = self.settings.decode_timeout_s
         timer: list[asyncio.TimerHandle] = []
+
+        def queued_too_long() -> None:
+            with self._overrun_lock:
+                if state["started"]:
+                    return
+                state["expired"] = state["queued_out"] = True  # skipped when a thread gets to it
+            fut.cancel()
 
         def expire() -> None:
             with self._overrun_lock:
@@ -294,7 +305,7 @@ class Pipeline:
                 if state["expired"]:
                     return None  # its request went away while it was queued
                 state["started"] = True
-            # the budget is the decode's own: time spent queued for a thread does not count
+            # the decode's own budget starts now; the wait for a thread counts against the request's
             loop.call_soon_threadsafe(lambda: timer.append(loop.call_later(budget, expire)))
             try:
                 return self._prepare_sync(row, description)
@@ -305,6 +316,7 @@ class Pipeline:
                         self.overrunning -= 1
 
         fut = loop.run_in_executor(self.decoder, work)
+        timer.append(loop.call_at(deadline, queued_too_long))
         try:
             prepared = await fut
             assert prepared is not None
@@ -314,6 +326,9 @@ class Pipeline:
                 with self._overrun_lock:
                     state["expired"] = True  # cancelled from outside: a queued decode is skipped
                 raise
+            if state["queued_out"]:
+                raise _RowFailed("timeout", "the image waited for a decode thread past the request's time budget of "
+                                 f"{self.settings.request_timeout_ms:g} ms") from None
             log.warning("an image decode passed its budget of %.1f s (%d still running)", budget, self.overrunning)
             raise _RowFailed("image_too_complex", f"decoding the image took longer than its budget of {budget:g} s") from None
         finally:

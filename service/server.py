@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 
 from classifier_core.artifact import ArtifactError
 
@@ -361,6 +362,9 @@ class Supervisor:
                 continue
             self.workers.remove(wk)
             wk.ready.close()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and wk.process.pid is not None:
+                # its live gauges (queue depth) leave the sums; its counters stay, as they happened
+                multiprocess.mark_process_dead(wk.process.pid)  # type: ignore[no-untyped-call]
             if wk.retiring or self.stopping_since is not None:
                 if code not in (0, -signal.SIGTERM) and self.stopping_since is not None:
                     log.warning("worker [%s] exited with code %s while stopping", wk.process.pid, code)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 30.0  # after SIGTERM: in-flight requests finish within this, then exit 0
     api_key: SecretStr | None = None  # when set, required on all routes but /healthz, /readyz, /metrics
     cors_origins: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
+    # /metrics is rendered at most this often (scrapes in between get the same text): its cost,
+    # reading every worker's metric files, is bounded however often it is asked; 0 = every scrape
+    metrics_max_age_s: float = Field(default=1.0, ge=0.0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log pipelines
     otel_exporter: Literal["otlp", "console"] | None = None  # OpenTelemetry tracing; off unless set

@@ -21,6 +21,7 @@ from ..errors import BadRequest, InvalidField, ServiceError, truncate
 from ..pipeline import Pipeline, Row, RowError
 from ..predictor import Prediction
 from ..schemas import BatchRequest, BatchResponse, ClassifyResponse, error_responses
+from .jsonscan import json_values_bound, max_json_values
 
 router = APIRouter(tags=["classify"])
 
@@ -152,6 +153,11 @@ async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 
     pipeline.refuse_if_full()
     body = await request.body()
     pipeline.refuse_if_full()
+    s = pipeline.settings
+    limit = max_json_values(s.max_batch_items, s.max_description_chars)
+    if (values := json_values_bound(body)) > limit:  # before the parse, which holds the GIL throughout
+        raise InvalidField(f"the batch body holds up to {values} JSON values; {s.max_batch_items} items "
+                           f"need at most {limit}", code="too_many_items")
     # JSON parsing and validation of a body of many megabytes stay off the event loop
     payload = await anyio.to_thread.run_sync(parse_batch, body)
     pipeline.check_row_count(len(payload.items), "the batch")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -61,4 +62,7 @@ async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"example": "classifier_http_requests_total{...} 1.0"}}}})
 async def prom(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    # off the event loop (it reads every worker's metric files) and cached for a second
+    age = request.app.state.settings.metrics_max_age_s
+    text = await anyio.to_thread.run_sync(request.app.state.metrics.render_cached, age)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

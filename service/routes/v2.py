@@ -39,6 +39,7 @@ from ..deps import PipelineDep
 from ..errors import BadRequest, ServiceError, describe_validation_errors, truncate
 from ..pipeline import Pipeline, Row, RowError
 from ..predictor import Prediction
+from .jsonscan import json_values_bound, max_json_values
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
@@ -344,6 +345,13 @@ async def infer(request: Request, pipeline: PipelineDep, name: str, version: str
     body = await request.body()
     pipeline.refuse_if_full()
     header_length = request.headers.get("inference-header-content-length")
+    s = pipeline.settings
+    # before the parse (it holds the GIL throughout): the JSON header's values are bounded by what
+    # the protocol can carry here (rows, and the tensor element limit of each input)
+    head = body[: int(header_length)] if header_length is not None and re.fullmatch(r"[0-9]{1,19}", header_length) else body
+    limit = max_json_values(s.max_batch_items, s.max_description_chars, MAX_TENSORS * MAX_ELEMENTS)
+    if (values := json_values_bound(head)) > limit:
+        raise _bad(f"the inference request holds up to {values} JSON values; the limit is {limit}")
     if len(body) > 64 * 1024:  # parsing megabytes of JSON stays off the event loop
         req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)
     else:

@@ -8,7 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from classifier_core.images import ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError, load_image
+from classifier_core.images import (
+    MAX_PIXELS_PER_BYTE,
+    ImageError,
+    ImageTooComplexError,
+    ImageTooLargeError,
+    InvalidImageError,
+    UnsupportedImageError,
+    load_image,
+)
 from classifier_core.text import EMPTY_TOKEN, TextEncoder, train_tokenizer
 
 S = 32
@@ -65,11 +73,17 @@ def test_exif_orientation_is_applied() -> None:
     assert arr[: S // 2 - 2].mean() > 200 and arr[S // 2 + 2 :].mean() < 50
 
 
-@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000), (20000, 5)])
-def test_extreme_aspect_and_tiny_images(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("size", [(1, 1), (5000, 50), (50, 5000), (3, 300)])
+def test_tiny_and_elongated_images_decode(size: tuple[int, int]) -> None:
     arr = load_image(encode(Image.new("RGB", size, (9, 99, 199)), "PNG"), S)
     assert arr.shape == (S, S, 3)
     assert tuple(int(x) for x in arr[S // 2, S // 2]) == (9, 99, 199)
+
+
+@pytest.mark.parametrize("size", [(20000, 5), (1, 400), (101, 1)])
+def test_an_aspect_ratio_no_photograph_has_is_refused_before_decoding(size: tuple[int, int]) -> None:
+    with pytest.raises(ImageTooComplexError, match="aspect ratio"):
+        load_image(encode(Image.new("RGB", size, (9, 99, 199)), "PNG"), S)
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
@@ -185,3 +199,55 @@ def test_any_string_gives_ids_in_vocab(text: TextEncoder, s: str) -> None:
     assert 1 <= len(enc.ids) <= text.max_len
     assert all(1 <= i < text.vocab_size for i in enc.ids)
     assert len(enc.tokens) == len(enc.ids)
+
+
+def _peak_rss_mb(image: bytes) -> tuple[float, float, str]:
+    """Peak resident memory (MB) of a fresh process before and after ``load_image(image)``, and its outcome."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(image)
+        f.flush()
+        code = ("import resource, sys, time\n"
+                "from classifier_core.images import load_image, ImageError\n"
+                "data = open(sys.argv[1], 'rb').read()\n"
+                "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                "t = time.perf_counter()\n"
+                "try:\n    load_image(data, 224, 40_000_000); out = 'ok'\n"
+                "except ImageError as e:\n    out = e.code\n"
+                "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                "print(before / 1024, after / 1024, out, time.perf_counter() - t)\n")
+        res = subprocess.run([sys.executable, "-c", code, f.name], capture_output=True, text=True, timeout=120, check=True)
+    before, after, outcome, _ = res.stdout.split()
+    return float(before), float(after), outcome
+
+
+def test_images_whose_decode_costs_far_more_than_their_bytes_are_refused_before_allocating() -> None:
+    # a strip within the pixel limit (1 x 4,000,000) and a flat lossless WebP with a 25-megapixel canvas
+    # in a few hundred bytes: before these bounds, +1 GB and seconds each
+    strip = encode(Image.new("RGB", (1, 4_000_000), (9, 99, 199)), "PNG")
+    canvas = encode(Image.new("RGB", (5000, 5000), (9, 99, 199)), "WEBP", lossless=True)
+    assert len(canvas) < 25_000_000 // MAX_PIXELS_PER_BYTE
+    for image, code in ((strip, "image_too_complex"), (canvas, "image_too_complex")):
+        before, after, outcome = _peak_rss_mb(image)
+        assert outcome == code
+        assert after - before < 20, f"{after - before:.0f} MB allocated before refusing"
+
+
+def test_a_large_transparent_image_is_composited_after_resizing() -> None:
+    # 4000 x 3000 RGBA: 48 MB decoded. Compositing at full size took four more copies of it
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (3000, 4000, 4), dtype=np.uint8)
+    before, after, outcome = _peak_rss_mb(encode(Image.fromarray(arr, "RGBA"), "PNG", compress_level=1))
+    assert outcome == "ok"
+    assert after - before < 48 * 1.5, f"peak +{after - before:.0f} MB for a 48 MB image"
+
+
+def test_alpha_is_composited_on_white_as_before() -> None:
+    im = Image.new("RGBA", (900, 600), (255, 0, 0, 0))
+    im.paste((0, 0, 255, 255), (0, 0, 450, 600))
+    arr = load_image(encode(im, "PNG"), S)
+    assert tuple(int(x) for x in arr[S // 2, 2]) == (0, 0, 255)
+    assert tuple(int(x) for x in arr[S // 2, S - 3]) == (255, 255, 255)

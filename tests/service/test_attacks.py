@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, start_server, workers_of
+from helpers import jpeg_bytes, running_server, start_server, workers_of
 from PIL import Image
 
 from benchmarks.procstats import proc_stats
@@ -458,3 +458,66 @@ def test_metric_labels_and_log_lines_name_route_templates_only(server: tuple[Any
         metrics = c.get("/metrics").text
     assert "zz-" not in metrics and 'route="unmatched"' in metrics
     assert "FORGED" not in log_path.read_text(errors="replace")
+
+
+# --- parse and decode cost, bounded before the work ---------------------------------------------
+def _probe_while(url: str, work: Callable[[], httpx.Response]) -> tuple[httpx.Response, float, float]:
+    """Run ``work`` while another thread probes /healthz on the same (single) worker: the answer,
+    how long the work took and the slowest probe."""
+    stop, probes = threading.Event(), []
+
+    def probe() -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                assert c.get("/healthz").status_code == 200
+                probes.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    r = work()
+    took = time.perf_counter() - t0
+    time.sleep(0.2)
+    stop.set()
+    t.join(10)
+    return r, took, max(probes)
+
+
+def test_documents_of_millions_of_json_values_are_refused_before_the_parse(tiny_artifact: Path) -> None:
+    # the JSON parser holds the GIL for the whole document, in its thread too: 1.7 M items froze the
+    # worker for seconds. One worker, so the probe shares its event loop with the attack
+    batch = b'{"items": [' + b",".join([b"1"] * 1_680_000) + b"]}"
+    nested = (b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ['
+              + b",".join([b'"a"'] * 1_500_000) + b"]}]}")
+    with running_server(tiny_artifact, CLASSIFIER_WORKERS="1") as (_, url), httpx.Client(base_url=url, timeout=60) as c:
+        r, took, slowest = _probe_while(url, lambda: c.post("/classify/batch", content=batch,
+                                                             headers={"content-type": "application/json"}))
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "too_many_items"), r.text[:300]
+        assert took < 1.0 and slowest < 0.1, (took, slowest)
+        r, took, slowest = _probe_while(url, lambda: c.post("/v2/models/tiny/infer", content=nested,
+                                                             headers={"content-type": "application/json"}))
+        assert r.status_code == 400 and "JSON values" in r.json()["error"], r.text[:300]
+        assert took < 1.0 and slowest < 0.1, (took, slowest)
+        # a legitimate batch is still parsed: 64 items, each caption as long as allowed and full of commas
+        image = base64.b64encode(jpeg_bytes()).decode()
+        ok = c.post("/classify/batch", json={"items": [{"image_base64": image, "description": "," * 2000}] * 64})
+        assert ok.status_code == 200, ok.text[:300]
+
+
+def test_rows_waiting_for_a_decode_thread_count_against_the_request_budget(tiny_artifact: Path) -> None:
+    # 64 images that each take tens of milliseconds to decode, one decode thread, a 300 ms budget:
+    # the rows not started in time are answered 504 at once instead of holding the pool for seconds
+    flat = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (40, 120, 200)).save(flat, format="PNG")
+    item = {"image_base64": base64.b64encode(flat.getvalue()).decode(), "description": "a flat blue square"}
+    env = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_DECODE_THREADS": "1", "CLASSIFIER_REQUEST_TIMEOUT_MS": "300"}
+    with running_server(tiny_artifact, **env) as (_, url):
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/classify/batch", json={"items": [item] * 64}, timeout=60)
+        took = time.perf_counter() - t0
+    codes = [x.get("error", {}).get("code", "ok") for x in r.json()["results"]]
+    assert r.status_code == 200 and "ok" in codes and "timeout" in codes, codes
+    assert took < 1.5, f"{took:.2f} s: rows kept waiting for the decode thread"

@@ -10,6 +10,7 @@ the connection is open.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import httptools
@@ -81,7 +82,7 @@ def feed(stream: bytes, cuts: list[int]) -> tuple[Counting, Transport]:
         guard, transport = Counting(), Transport()
         guard.connection_made(transport)
         points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-        for a, b in zip(points, points[1:]):
+        for a, b in itertools.pairwise(points):
             guard.data_received(stream[a:b])
             # the invariant: watching, or the connection is closing; never off with the connection open
             assert guard.state != protocol._OFF or transport.closed
@@ -137,7 +138,7 @@ def test_a_chunk_size_the_guard_cannot_follow_is_refused(token: bytes, cuts: lis
     stripped = token.strip()
     followable = stripped.isascii() and all(c in b"0123456789abcdefABCDEF" for c in stripped) and stripped \
         and len(stripped.lstrip(b"0")) <= protocol.MAX_CHUNK_DIGITS
-    guard, transport = feed(stream, cuts)
+    _guard, transport = feed(stream, cuts)
     if followable:
         assert not transport.closed
     else:  # refused with 400 and closed: never handed on unwatched

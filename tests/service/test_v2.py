@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact: Path) -> Iterator[str]:
-    with running_server(tiny_artifact, CLASSIFIER_WORKERS="1") as (_, url):
+    with running_server(tiny_artifact, CLASSIFIER_WORKERS="1", CLASSIFIER_METRICS_MAX_AGE_S="0") as (_, url):
         yield url
 
 
