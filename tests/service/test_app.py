@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,6 +202,16 @@ def test_health_ready_model_metrics(client: TestClient) -> None:
     assert "classifier_inference_duration_seconds_bucket" in text
     assert 'classifier_images_decoded_total{outcome="ok"}' in text
     assert 'classifier_model_info{name="tiny",provider="CPUExecutionProvider",version="0.0.1"} 1.0' in text
+
+
+def test_metrics_are_rendered_at_most_once_a_second(client: TestClient) -> None:
+    # scrapes in a burst share one rendering (it reads every worker's files): its cost is bounded
+    time.sleep(1.05)
+    first = client.get("/metrics").text
+    classify(client)
+    assert client.get("/metrics").text == first
+    time.sleep(1.05)
+    assert client.get("/metrics").text != first
 
 
 def test_request_id_passthrough(client: TestClient) -> None:

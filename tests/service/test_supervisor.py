@@ -63,6 +63,9 @@ def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) 
         port = int(url.rsplit(":", 1)[1])
         assert wait_listening(port, 2)
         victim = workers_of(proc.pid)[0]
+        env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{victim}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        metrics_dir = Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+        assert list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))
         os.kill(victim, signal.SIGKILL)
         assert wait_listening(port, 1, timeout=5)
         # the dead worker's socket is gone with it (the supervisor keeps no copy), so no new
@@ -71,9 +74,12 @@ def test_a_killed_worker_is_replaced_and_its_socket_leaves(tiny_artifact: Path) 
         assert wait_listening(port, 2)  # the replacement, on a socket of its own
         assert victim not in workers_of(proc.pid) and len(workers_of(proc.pid)) == 2
         assert all(classify_ok(url) for _ in range(10))
+        # the dead worker's live gauge (queue depth) left the sums; its counters stay
+        assert not list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+    assert not metrics_dir.exists(), "the metrics folder outlived the service"
 
 
 def test_sighup_replaces_every_worker_on_new_sockets(tiny_artifact: Path) -> None:
