@@ -12,6 +12,15 @@ again worker batch by worker batch, and the worker's batcher then goes row by ro
 never waits for ever (the owner's answer has the request timeout); a dead owner turns into 503
 ``not_ready`` for the rows in flight and readiness false until the supervisor has restarted it
 and the worker has reconnected; on SIGTERM the workers drain first, then the owner stops.
+
+Degrading cleanly: a slab is allocated with ``posix_fallocate`` when it is made, so a full
+/dev/shm is a refused connection (the worker is not ready, requests get 503), never a SIGBUS on
+first write. The owner writes a heartbeat (its monotonic clock, every 0.1 s) into a small file
+beside its socket; a worker whose owner's heartbeat is over ``HEARTBEAT_TIMEOUT_S`` old (a stopped or wedged
+owner) reports not ready and refuses rows at once. Each owner listens on a socket of its own
+and publishes it by replacing the ``owner_address`` symlink, so on SIGHUP the new owner is
+serving before the old one stops; a worker whose connection ends under a request sends it again,
+once, over a fresh connection, and no request fails during the switch.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import signal
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -41,6 +51,22 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<IIII")  # request id, rows, sequence width, status (replies: 0 ok, 1 failed)
+_BEAT = struct.Struct("<d")  # the owner's time.monotonic() (one clock for every process on the host)
+HEARTBEAT_S = 0.1
+HEARTBEAT_TIMEOUT_S = 1.0
+
+
+class _ConnectionLost(Exception):
+    """The owner closed the connection under a request (it stopped): worth one try on a fresh one."""
+
+
+def allocate_slab(fd: int, size: int) -> None:
+    """Reserve the slab's memory now: with a plain ftruncate a full /dev/shm shows up later as SIGBUS."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:  # pragma: no cover (macOS): written through instead
+        os.ftruncate(fd, size)
+        os.pwrite(fd, bytes(size), 0)
 
 
 def shm_dir() -> str:
@@ -82,17 +108,32 @@ class RemotePredictor:
         self._loaded = False
         self._closed = threading.Event()
         self._mismatch_logged = False
+        self._shm_logged = False
+        self._beat: mmap.mmap | None = None  # the owner's heartbeat, read-only
 
     # the Predictor interface the pipeline and the routes use
     @property
     def ready(self) -> bool:
-        return self._loaded and self._alive()
+        return self._loaded and self._alive() and self._beating()
 
     @property
     def state(self) -> str:
         if not self._loaded:
             return "loading"
-        return "ready" if self._conn is not None else "owner_unavailable"
+        if self._conn is None:
+            return "owner_unavailable"
+        return "ready" if self._beating() else "owner_not_answering"
+
+    def _beating(self) -> bool:
+        """The owner's heartbeat is fresh: it runs (a SIGSTOPped or wedged owner keeps its sockets open)."""
+        beat = self._beat
+        if beat is None:
+            return False
+        try:
+            (at,) = _BEAT.unpack_from(beat)
+        except (ValueError, struct.error):
+            return False
+        return time.monotonic() - at < HEARTBEAT_TIMEOUT_S
 
     def load(self) -> None:
         """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker).
@@ -135,16 +176,25 @@ class RemotePredictor:
         with self._lock:
             if self._conn is not None:
                 return True
-            fd, path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
+            try:
+                fd, path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
+            except OSError as exc:
+                self._log_shm(exc)
+                return False
             try:
                 size = self.settings.max_batch_size * side * side * 3
-                os.ftruncate(fd, size)
+                try:
+                    allocate_slab(fd, size)
+                except OSError as exc:
+                    self._log_shm(exc, size)
+                    return False
                 slab = mmap.mmap(fd, size)
                 conn = Client(self.address, family="AF_UNIX")
                 conn.send((path, os.getpid(), self.digest))
                 if not conn.poll(self.HANDSHAKE_TIMEOUT_S):
                     raise TimeoutError
-                providers, digest = conn.recv()
+                providers, digest, beat_path = conn.recv()
+                beat = self._map_beat(beat_path)
             except (OSError, EOFError, TimeoutError, ValueError):
                 return False
             finally:
@@ -157,10 +207,26 @@ class RemotePredictor:
                     self._mismatch_logged = True
                 conn.close()
                 return False
-            self._conn, self._slab, self.providers = conn, slab, list(providers)
-            self._mismatch_logged = False
+            self._conn, self._slab, self._beat, self.providers = conn, slab, beat, list(providers)
+            self._mismatch_logged = self._shm_logged = False
         log.info("connected to the model owner (%s)", self.providers[0] if self.providers else "?")
         return True
+
+    def _log_shm(self, exc: OSError, size: int = 0) -> None:
+        if not self._shm_logged:  # once per outage, not once per reconnect attempt
+            log.error("cannot allocate a %d-byte row slab in %s (%s): not ready; give the container more shared "
+                      "memory (docker: shm_size; Kubernetes: an emptyDir with medium Memory on /dev/shm)",
+                      size, shm_dir(), exc.strerror or exc)
+            self._shm_logged = True
+
+    def _map_beat(self, path: str) -> mmap.mmap:
+        if Path(path).parent != Path(self.address).parent or not path.endswith(".beat"):
+            raise ValueError(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return mmap.mmap(fd, _BEAT.size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
 
     def encode(self, descriptions: list[str]) -> list[EncodedText]:
         assert self.text is not None
@@ -172,27 +238,47 @@ class RemotePredictor:
         if n > self.settings.max_batch_size:  # the batcher never sends more; split rather than overrun the slab
             step = self.settings.max_batch_size
             return [p for s in range(0, n, step) for p in self.predict(images[s : s + step], encoded[s : s + step])]
+        ids = self.text.pad(encoded)
+        try:
+            reply = self._exchange(images, ids)
+        except _ConnectionLost:  # the owner stopped under this request (a SIGHUP switch): once more, on a fresh one
+            try:
+                reply = self._exchange(images, ids)
+            except _ConnectionLost:
+                raise EngineUnavailable("the model owner process closed the connection") from None
+        return self._read_reply(reply, n, encoded)
+
+    def _exchange(self, images: np.ndarray, ids: np.ndarray) -> bytes:
         if not self._alive() and not self._connect():  # one immediate try: the owner may be back already
             raise EngineUnavailable("the model owner process is not available (restarting?)")
-        ids = self.text.pad(encoded)
+        if not self._beating():
+            raise EngineUnavailable(f"the model owner process has not answered for over {HEARTBEAT_TIMEOUT_S:g} s")
         with self._lock:
             conn, slab = self._conn, self._slab
             if conn is None or slab is None:
                 raise EngineUnavailable("the model owner process is not available (restarting?)")
             np.frombuffer(slab, np.uint8, images.size).reshape(images.shape)[:] = images
             self._next_id += 1
-            rid = self._next_id
             try:
-                conn.send_bytes(_HEAD.pack(rid, n, ids.shape[1], 0) + ids.tobytes())
+                conn.send_bytes(_HEAD.pack(self._next_id, len(ids), ids.shape[1], 0) + ids.tobytes())
                 if not conn.poll(self.settings.request_timeout_ms / 1000):
                     raise TimeoutError
                 reply = conn.recv_bytes()
-            except (OSError, EOFError, TimeoutError) as exc:
+            except TimeoutError:  # an OSError too: first, a silent owner is not worth a second wait
                 self._drop()
-                raise EngineUnavailable(f"the model owner process stopped answering ({type(exc).__name__})") from None
-        got, rows, width, status = _HEAD.unpack_from(reply)
+                raise EngineUnavailable("the model owner process stopped answering (TimeoutError)") from None
+            except (OSError, EOFError) as exc:
+                self._drop()
+                raise _ConnectionLost from exc
+            if _HEAD.unpack_from(reply)[0] != self._next_id:
+                self._drop()
+                raise EngineUnavailable("the model owner's answer did not match the request")
+            return reply
+
+    def _read_reply(self, reply: bytes, n: int, encoded: list[EncodedText]) -> list[Prediction]:
+        _, rows, width, status = _HEAD.unpack_from(reply)
         classes = len(self.manifest.labels)
-        if got != rid or rows != n:
+        if rows != n:
             self._drop()
             raise EngineUnavailable("the model owner's answer did not match the request")
         if status != 0:
@@ -211,8 +297,8 @@ class RemotePredictor:
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.close()
-            log.warning("lost the model owner; requests get 503 until it is back")
-        self._conn, self._slab = None, None
+            log.warning("lost the model owner; reconnecting")
+        self._conn, self._slab, self._beat = None, None, None
 
     def close(self) -> None:
         self._closed.set()
@@ -250,17 +336,40 @@ class Owner:
 
     def serve(self, ready: Connection | None = None) -> None:
         self.predictor.load()
+        pid = os.getpid()
+        own = f"{self.address}.{pid}"  # this owner's socket; ``address`` is a symlink to the current owner's
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.address)
-        listener = Listener(self.address, family="AF_UNIX")
+            os.unlink(own)
+        listener = Listener(own, family="AF_UNIX")
+        # beside the socket: the supervisor's folder, removed with it whatever becomes of this process
+        self.beat_path = f"{own}.beat"
+        beat_fd = os.open(self.beat_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            allocate_slab(beat_fd, _BEAT.size)
+            beat = mmap.mmap(beat_fd, _BEAT.size)
+        finally:
+            os.close(beat_fd)
+        threading.Thread(target=self._heartbeat, args=(beat,), daemon=True, name="owner-heartbeat").start()
         threading.Thread(target=self._accept, args=(listener,), daemon=True, name="owner-accept").start()
+        link = f"{self.address}.{pid}.link"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        os.symlink(own, link)
+        os.replace(link, self.address)  # atomic: new connections reach this owner from now on
         log.info("model owner ready: %s, up to %d rows per call", self.predictor.providers[0], self.max_rows)
         if ready is not None:
-            ready.send(os.getpid())
+            ready.send(pid)
         try:
             self._batch_loop()
         finally:
-            listener.close()
+            listener.close()  # unlinks this owner's own socket, never the symlink a successor replaced
+            with contextlib.suppress(OSError):
+                os.unlink(self.beat_path)
+
+    def _heartbeat(self, beat: mmap.mmap) -> None:
+        while True:
+            _BEAT.pack_into(beat, 0, time.monotonic())
+            time.sleep(HEARTBEAT_S)
 
     def _accept(self, listener: Listener) -> None:
         while not self.stopping.is_set():
@@ -285,7 +394,7 @@ class Owner:
                 slab = mmap.mmap(fd, 0)
             finally:
                 os.close(fd)
-            conn.send((self.predictor.providers, self.digest))
+            conn.send((self.predictor.providers, self.digest, self.beat_path))
             while True:
                 msg = conn.recv_bytes()
                 rid, n, width, _ = _HEAD.unpack_from(msg)
@@ -299,7 +408,8 @@ class Owner:
         while not self.stopping.is_set():
             first = self.jobs.get()
             if first is None:
-                return
+                self.stopping.set()
+                break
             jobs, rows = [first], len(first.ids)
             while rows < self.max_rows:  # greedy: whatever the other workers sent meanwhile
                 try:
@@ -312,6 +422,17 @@ class Owner:
                 jobs.append(job)
                 rows += len(job.ids)
             self._run(jobs)
+        # stopping: what the workers sent before they could see it is still answered
+        leftover = []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                leftover.append(job)
+        for i in range(0, len(leftover), 8):
+            self._run(leftover[i : i + 8])
 
     def _run(self, jobs: list[_Job]) -> None:
         assert self.predictor.text is not None

@@ -24,11 +24,11 @@ bind) stops the service, since every replacement would fail the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import logging.config
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -229,9 +229,8 @@ class Supervisor:
             log.error("the model owner did not stop: killing it")
             self._signal_all(signal.SIGKILL, [self.owner])
             self.owner.process.join(5)
-        with contextlib.suppress(OSError):
-            Path(str(self.settings.owner_address)).unlink(missing_ok=True)
-            Path(str(self.settings.owner_address)).parent.rmdir()
+        # the owners' sockets, heartbeats and the symlink to the current one
+        shutil.rmtree(Path(str(self.settings.owner_address)).parent, ignore_errors=True)
 
     def _reap_owner(self) -> None:
         if self._owner_due is not None and time.monotonic() >= self._owner_due and self.stopping_since is None:
@@ -257,14 +256,23 @@ class Supervisor:
         if self.owner is None:
             return
         old = self.owner
+        # the new owner first: it takes over the socket address once it is ready, the old one then
+        # finishes what it was sent and stops; the workers move over without failing a request
+        new = self._spawn_owner()
+        if not self._wait_listening(new):
+            log.error("SIGHUP: the new model owner did not start (exit code %s); the old one keeps serving",
+                      new.process.exitcode)
+            self._signal_all(signal.SIGKILL, [new])
+            new.process.join(5)
+            new.ready.close()
+            self.owner = old
+            return
         self._signal_all(signal.SIGTERM, [old])
         old.process.join(max(5.0, self.settings.shutdown_grace_s))
         if old.process.exitcode is None:
             self._signal_all(signal.SIGKILL, [old])
             old.process.join(5)
-        new = self._spawn_owner()
-        if not self._wait_listening(new):
-            log.error("SIGHUP: the new model owner did not start (exit code %s)", new.process.exitcode)
+        old.ready.close()
 
     # --- workers ---------------------------------------------------------------------
     def _spawn(self) -> Worker:

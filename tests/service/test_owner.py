@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from helpers import DEFAULT_MODEL, jpeg_bytes, running_server, start_server, wait_ready
+import pytest
+from helpers import DEFAULT_MODEL, ROOT, free_port, jpeg_bytes, running_server, start_server, wait_ready, workers_of
 
 from service.owner import shm_dir
 
@@ -143,3 +147,88 @@ def test_sigterm_drains_the_workers_then_stops_the_owner(tmp_path: Path) -> None
         assert proc.wait(40) == 0
         assert codes == [200] * 8, codes  # requests in flight at SIGTERM were answered
         assert not Path(f"/proc/{pid}").exists()  # the owner stopped too
+
+
+def _statuses_under_load(url: str, stop: threading.Event, out: list[int], i: int) -> None:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while not stop.is_set():
+            image, caption = ROWS[i % len(ROWS)]
+            try:
+                out.append(c.post("/classify", files={"image": ("x.jpg", image, "image/jpeg")},
+                                  data={"description": caption}).status_code)
+            except httpx.HTTPError as exc:
+                out.append(-1)
+                print("client error:", exc)
+            i += 1
+
+
+def test_a_stopped_owner_makes_readiness_false_within_a_second(tmp_path: Path) -> None:
+    with owner_server(tmp_path, 1) as (proc, url, _, pid):
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        os.kill(pid, signal.SIGSTOP)  # its sockets stay open: only the missing heartbeat tells
+        try:
+            t0 = time.time()
+            while httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                assert time.time() - t0 < 1.5, "still ready 1.5 s after the owner stopped"
+                time.sleep(0.05)
+            t1 = time.time()
+            r = classify(url, *ROWS[0])  # refused at once, not after the request timeout
+            assert (r.status_code, r.json()["error"]["code"]) == (503, "not_ready") and time.time() - t1 < 1, r.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_ready(url, proc, timeout=10)
+        assert classify(url, *ROWS[1]).status_code == 200
+
+
+def test_sighup_restarts_the_owner_without_failing_a_request(tmp_path: Path) -> None:
+    with owner_server(tmp_path, 2) as (proc, url, log, pid):
+        stop, statuses = threading.Event(), []  # type: ignore[var-annotated]
+        clients = [threading.Thread(target=_statuses_under_load, args=(url, stop, statuses, i)) for i in range(4)]
+        for t in clients:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 90
+        while log.read_text(errors="replace").count("replaced by") < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in clients:
+            t.join(30)
+        assert owner_pid(log) != pid and not Path(f"/proc/{pid}").exists(), "the owner was not replaced"
+        assert len(statuses) > 50 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a private tmpfs on /dev/shm")
+def test_a_full_dev_shm_is_a_clean_refusal_not_a_crash_loop(tmp_path: Path) -> None:
+    # a 64 kB /dev/shm in a private mount namespace: a worker's row slab does not fit. With ftruncate the
+    # slab "fitted" and the first write was a SIGBUS: every worker and its replacement died
+    port, log = free_port(), tmp_path / "server.log"
+    command = (f"mount -t tmpfs -o size=64k tmpfs /dev/shm && exec {sys.executable} -m service "
+               f"--host 127.0.0.1 --port {port} --workers 1")
+    env = {**os.environ, "CLASSIFIER_MODEL_DIR": str(DEFAULT_MODEL), "CLASSIFIER_PROVIDER": "cpu", **OWNER}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        workers = workers_of(proc.pid)
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "owner_unavailable", ready.text
+        for image, caption in ROWS[:3]:
+            r = classify(url, image, caption)
+            assert (r.status_code, r.json()["error"]["code"]) == (503, "not_ready"), r.text
+        time.sleep(1.0)
+        assert workers_of(proc.pid) == workers, "a worker died"
+        text = log.read_text(errors="replace")
+        assert "cannot allocate" in text and "shm_size" in text and "died" not in text, text[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(40)
