@@ -50,6 +50,10 @@ def test_deployment_wiring() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["terminationGracePeriodSeconds"] > float(env["CLASSIFIER_SHUTDOWN_GRACE_S"]) >= float(env["CLASSIFIER_DRAIN_DELAY_S"])
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # a writable /tmp on a read-only root
+    # shared memory for the owner topology's row slabs, in memory and bounded
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
 
 
 def test_kserve_inference_service_uses_the_v2_protocol() -> None:

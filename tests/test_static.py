@@ -39,6 +39,8 @@ def test_mypy() -> None:
 def test_compose_file_matches_the_compose_spec() -> None:
     out = _run(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml")
     assert out.returncode == 0, out.stdout + out.stderr
+    # the owner topology's row slabs live in /dev/shm; Docker's default 64 MB is too small for many workers
+    assert re.search(r"(?m)^  shm_size: \d+[mg]$", (ROOT / "docker-compose.yml").read_text())
 
 
 def test_dockerfile_lint() -> None:
