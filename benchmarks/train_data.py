@@ -1,11 +1,17 @@
 """Training-data benchmark (not a test): the streaming pipeline's throughput, memory and start-up.
 
     python -m benchmarks.train_data --sizes 10000,100000 --out bench/train_data_cpu.json
+    python -m benchmarks.train_data --sizes 6000,24000 --shapes duplicated,small --mode image \
+        --out bench/train_data_shapes_cpu.json
 
 1. Generates COYO-sized samples (512x384 JPEGs of about 80 KB, a caption, a label) as
    img2dataset-style shards in a temporary folder (deleted afterwards, never committed).
    There are 1,000 distinct pictures; each sample's JPEG carries its own comment segment,
    so every file differs while decoding costs what a real photo of that size costs.
+   ``--shapes`` adds other data shapes beside these distinct photos: ``duplicated`` (a quarter
+   as many pictures, each byte-identical file under four keys, so copies land in every split, as
+   when a crawl is re-keyed) and ``small`` (64x48 thumbnails of about 2 KB: many samples per
+   megabyte, so whatever is kept per sample dominates).
 2. Loader throughput: samples/s through ``SplitStream`` + ``DataLoader`` with 0, 1 and 2
    worker processes (decode to 64x64, tokenize, batch 32; no model).
 3. For each size: one epoch of ``python -m model_training train`` (the paper's model) as a
@@ -61,13 +67,30 @@ def with_comment(jpeg: bytes, text: str) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
 
 
-def generate(folder: Path, n: int, bases: list[bytes], shard_size: int = 1000) -> None:
+def small_jpegs(n: int, seed: int = 1) -> list[bytes]:
+    """n distinct 64x48 thumbnails (about 2 KB as JPEG)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = np.clip(rng.normal(128, 60, (48, 64, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def generate(folder: Path, n: int, bases: list[bytes], shard_size: int = 1000, shape: str = "distinct") -> None:
     rng = random.Random(n)
+    pictures = max(1, n // 4) if shape == "duplicated" else len(bases)
     for s in range(0, n, shard_size):
         with tarfile.open(folder / f"{s // shard_size:05d}.tar", "w") as tar:
             for i in range(s, min(n, s + shard_size)):
                 label = LABELS[i % len(LABELS)]
-                parts = {"jpg": with_comment(bases[i % len(bases)], f"sample {i}"),
+                if shape == "duplicated":  # the same bytes under four keys
+                    jpeg = with_comment(bases[(i % pictures) % len(bases)], f"picture {i % pictures}")
+                else:
+                    jpeg = with_comment(bases[i % len(bases)], f"sample {i}")
+                parts = {"jpg": jpeg,
                          "txt": f"a photo of a {label} number {rng.randrange(1000)}".encode(),
                          "json": json.dumps({"label": label, "status": "success", "key": f"{i:09d}"}).encode()}
                 for ext, data in parts.items():
@@ -118,9 +141,9 @@ def tree_rss_mb(pid: int) -> tuple[float, float]:
     return rss(pid), total
 
 
-def one_epoch(folder: Path, out: Path, workers: int, device: str = "cpu") -> dict[str, float]:
+def one_epoch(folder: Path, out: Path, workers: int, device: str = "cpu", mode: str = "fused") -> dict[str, float]:
     cmd = [sys.executable, "-m", "model_training", "train", "--data", str(folder), "--out-dir", str(out),
-           "--epochs", "1", "--workers", str(workers), "--no-progress", "--device", device]
+           "--epochs", "1", "--workers", str(workers), "--no-progress", "--device", device, "--model.mode", mode]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = {"main": 0.0, "tree": 0.0}
@@ -157,38 +180,44 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--rate-samples", type=int, default=4000, help="samples per loader-throughput measurement")
     p.add_argument("--workers", type=int, default=2, help="loader workers of the one-epoch runs")
     p.add_argument("--device", default="cpu", help="the one-epoch runs' --device (cuda: pinned memory, bfloat16 autocast)")
+    p.add_argument("--shapes", default="distinct", help="data shapes, comma separated: distinct, duplicated, small")
+    p.add_argument("--mode", default="fused", help="the one-epoch runs' --model.mode (fused, image, text)")
     p.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's temp)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    bases = base_jpegs(1000)
+    photos = base_jpegs(1000)
     runs: dict[str, dict[str, float]] = {}
     results: dict[str, object] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "command": "python -m benchmarks.train_data " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": a.device, "jpeg_bytes_mean": int(np.mean([len(b) for b in bases])), "image": "512x384 JPEG -> 64x64",
-        "epoch_runs": runs,
+        "device": a.device, "mode": a.mode, "jpeg_bytes_mean": int(np.mean([len(b) for b in photos])),
+        "image": "512x384 JPEG (small: 64x48) -> 64x64", "epoch_runs": runs,
     }
+    sizes = [int(x) for x in a.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="train-data-bench-", dir=a.tmp))
     try:
-        for n in (int(x) for x in a.sizes.split(",")):
-            folder = tmp / f"data{n}"
-            folder.mkdir()
-            t0 = time.perf_counter()
-            generate(folder, n, bases)
-            print(f"generated {n} samples in {time.perf_counter() - t0:.0f} s", flush=True)  # noqa: T201
-            if "loader_samples_per_s" not in results:
-                results["loader_samples_per_s"] = {w: round(loader_rate(folder, w, a.rate_samples), 1) for w in (0, 1, 2)}
-                print("loader samples/s by workers:", results["loader_samples_per_s"], flush=True)  # noqa: T201
-            run = one_epoch(folder, tmp / f"run{n}", a.workers, a.device)
-            runs[str(n)] = run
-            print(n, run, flush=True)  # noqa: T201
-            shutil.rmtree(folder)
-        sizes = sorted(runs, key=int)
-        if len(sizes) >= 2:
-            lo, hi = runs[sizes[0]], runs[sizes[-1]]
-            results["rss_ratio_largest_vs_smallest"] = {
-                "trainer": round(hi["peak_rss_trainer_mb"] / lo["peak_rss_trainer_mb"], 3),
-                "tree": round(hi["peak_rss_tree_mb"] / lo["peak_rss_tree_mb"], 3)}
+        for shape in a.shapes.split(","):
+            bases = small_jpegs(max(sizes)) if shape == "small" else photos
+            for n in sizes:
+                folder = tmp / f"{shape}{n}"
+                folder.mkdir()
+                t0 = time.perf_counter()
+                generate(folder, n, bases, shape=shape)
+                print(f"generated {n} {shape} samples in {time.perf_counter() - t0:.0f} s", flush=True)  # noqa: T201
+                if "loader_samples_per_s" not in results and shape == "distinct":
+                    results["loader_samples_per_s"] = {w: round(loader_rate(folder, w, a.rate_samples), 1) for w in (0, 1, 2)}
+                    print("loader samples/s by workers:", results["loader_samples_per_s"], flush=True)  # noqa: T201
+                run = one_epoch(folder, tmp / f"run-{shape}{n}", a.workers, a.device, a.mode)
+                name = str(n) if shape == "distinct" else f"{shape}:{n}"
+                runs[name] = run
+                print(name, run, flush=True)  # noqa: T201
+                shutil.rmtree(folder)
+            lo, hi = runs[str(sizes[0]) if shape == "distinct" else f"{shape}:{sizes[0]}"], runs[
+                str(sizes[-1]) if shape == "distinct" else f"{shape}:{sizes[-1]}"]
+            if len(sizes) >= 2:
+                results.setdefault("rss_ratio_largest_vs_smallest", {})[shape] = {  # type: ignore[index]
+                    "trainer": round(hi["peak_rss_trainer_mb"] / lo["peak_rss_trainer_mb"], 3),
+                    "tree": round(hi["peak_rss_tree_mb"] / lo["peak_rss_tree_mb"], 3)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))  # noqa: T201
