@@ -163,16 +163,21 @@ class RequestContextMiddleware:
         # digests have equal length, so compare_digest's time does not depend on the key's length
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         # route -> (required content type, body limit)
+        # a route's body limit is what it can accept, capped by the configured one: the batch routes'
+        # rows each hold at most one image (base64: 4/3 of its bytes) and a caption (JSON escapes: up
+        # to 12 bytes a character, a surrogate pair), so nothing bigger is read whatever MAX_BATCH_BODY_BYTES says
+        row = -(-settings.max_upload_bytes // 3) * 4 + 12 * settings.max_description_chars + 256
+        self.rows_limit = min(settings.max_batch_body_bytes, settings.max_batch_items * row + FORM_OVERHEAD)
         self.post_rules = {
             "/classify": ("multipart/form-data", settings.max_upload_bytes + FORM_OVERHEAD + 4 * settings.max_description_chars),
-            "/classify/batch": ("application/json", settings.max_batch_body_bytes),
+            "/classify/batch": ("application/json", self.rows_limit),
         }
 
     def _rule(self, path: str) -> tuple[str, int] | None:
         rule = self.post_rules.get(path)
         if rule is None and path.startswith("/v2/models/") and path.endswith("/infer"):
             # JSON or JSON + binary tensors: the protocol tells them apart by a header, not the type
-            return ("", self.settings.max_batch_body_bytes)
+            return ("", self.rows_limit)
         return rule
 
     def _key_ok(self, headers: dict[bytes, bytes]) -> bool:

@@ -233,9 +233,25 @@ def test_readiness_before_load(tiny_artifact: Path) -> None:
         assert classify(c).status_code == 200
 
 
+def test_batch_body_limits_follow_what_the_rows_can_hold(tiny_artifact: Path) -> None:
+    # 2 rows of 1000-byte images and 10-character captions: nothing near 1 MB is a legitimate body,
+    # whatever MAX_BATCH_BODY_BYTES (32 MiB) says, so it is refused before it is read
+    with make_client(tiny_artifact, max_batch_items=2, max_upload_bytes=1000, max_description_chars=10) as c:
+        big = b'{"items": [' + b" " * 1_000_000 + b"]}"
+        for path in ("/classify/batch", "/v2/models/tiny/infer"):
+            r = c.post(path, content=big, headers={"content-type": "application/json"})
+            assert r.status_code == 413, (path, r.text[:200])
+        image = base64.b64encode(b"x" * 999).decode()
+        r = c.post("/classify/batch", json={"items": [{"image_base64": image, "description": "\U0001f600" * 10}] * 2})
+        assert r.status_code != 413, r.text[:200]  # the largest legitimate body still gets in
+
+
 def test_api_key(tiny_artifact: Path) -> None:
-    with make_client(tiny_artifact, api_key="s3cret") as c:
+    with make_client(tiny_artifact, api_key="s3cret", metrics_max_age_s=0) as c:
         assert_error(classify(c), 401, "unauthorized")
+        # a 401 on a path no route has: the metric label is "unmatched", never the client's path
+        assert c.get("/zz-401-probe").status_code == 401
+        assert "zz-401" not in c.get("/metrics").text
         assert_error(c.get("/model", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
         assert_error(c.get("/model", headers={"Authorization": "Bearer s3cre"}), 401, "unauthorized")
         assert c.get("/model", headers={"X-API-Key": "s3cret"}).status_code == 200
