@@ -100,14 +100,25 @@ class Manifest:
     def describe_training_data(self) -> str:
         """One honest line on what the model learned from, for people who are about to try it."""
         dataset = self.data.get("dataset") or {}
-        n = self.data.get("n") or {}
-        total = sum(int(v) for v in n.values()) if n else None
+        # the splits as trained (older artifacts also kept a re-checked test count in here: not a split)
+        n = {k: int(v) for k, v in (self.data.get("n") or {}).items() if k in ("train", "val", "test") and v is not None}
+        total = sum(n.values()) if n else None
         if dataset.get("name") == "builtin-synthetic":
             count = f"{total:,}" if total else "about 12,000"
             return (f"Trained on {count} synthetic drawings of {len(self.labels)} objects with captions "
                     "(the built-in dataset), not on photographs: expect confident nonsense on real photos.")
-        sources = ", ".join(str(s) for s in self.data.get("sources", [])) or "unrecorded data"
-        return f"Trained on {total:,} image-caption pairs from {sources}." if total else f"Trained on {sources}."
+        # a name, never a training machine's absolute path (older artifacts recorded those)
+        sources = ", ".join(Path(str(s)).name if Path(str(s)).is_absolute() else str(s)
+                            for s in self.data.get("sources", [])) or "unrecorded data"
+        if not total:
+            return f"Trained on {sources}."
+        splits = " / ".join(f"{n[k]:,} {k}" for k in ("train", "val", "test") if k in n)
+        return f"Trained on {total:,} image-caption pairs from {sources} ({splits})."
+
+    @property
+    def example_caption(self) -> str:
+        """A caption from the model's own test data, for a demo's placeholder ("" if the artifact has none)."""
+        return str(self.data.get("example_caption") or "")
 
     @property
     def temperature(self) -> float:

@@ -42,9 +42,31 @@ def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text:
     os.replace(tmp, path)
 
 
+REQUIRED = ("model_config", "state_dict", "labels", "tokenizer", "train_config")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict (tensors on the CPU)."""
-    return dict(torch.load(path, map_location="cpu", weights_only=True))
+    """The raw checkpoint dict (tensors on the CPU). A path that is not a checkpoint is a DataError
+    saying what to pass instead (the command ends with that one line), never a traceback."""
+    from .data import DataError
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "best.pt").is_file():
+            raise DataError(f"{p} is a run folder: pass {p / 'best.pt'}")
+        if (p / "manifest.json").is_file():
+            raise DataError(f"{p} is an exported model, not a checkpoint: pass the run's best.pt")
+        raise DataError(f"{p} is a folder, not a checkpoint (RUN/best.pt, written by train)")
+    if not p.is_file():
+        hint = "run `python -m model_training train` first (it writes RUN/best.pt)"
+        raise DataError(f"{p}: no such checkpoint; {hint}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a zip, not a pickle, pickled code: torch raises many types
+        raise DataError(f"{p}: not a checkpoint (RUN/best.pt, written by train): {type(exc).__name__}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
+        raise DataError(f"{p}: a torch file, but not a checkpoint written by train (no model config, weights and labels)")
+    return dict(ckpt)
 
 
 def load_checkpoint(path: str | Path) -> tuple[FusedClassifier, dict[str, Any]]:

@@ -31,10 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     module = importlib.import_module(COMMANDS[ns.command][0])
     from .data import DataError
+    from .export import ExportError
 
     try:
         module.main(ns.args)
-    except DataError as exc:  # a mistake in the data: one line, no traceback
+    except DataError as exc:  # a mistake in the data or a path: one line, no traceback
         print(f"python -m model_training {ns.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except ExportError as exc:  # the artifact failed a check (parity, checker): nothing was written
+        print(f"python -m model_training {ns.command}: export failed: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except OSError as exc:  # a file named on the command line that is not there, not readable, a folder...
+        if exc.filename is None:
+            raise
+        print(f"python -m model_training {ns.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)  # noqa: T201
         return 2
     return 0

@@ -23,8 +23,14 @@ DEFAULT_DATA = "data/builtin"
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=lambda: [DEFAULT_DATA])  # shards, shard folders or manifests
-    label_key: str = "label"  # key of the label in each sample's .json (WebDataset)
+    # .tar shards (or folders of them), a folder of class subfolders (data/cat/*.jpg), CSV/TSV/JSON Lines tables
+    data: list[str] = field(default_factory=lambda: [DEFAULT_DATA])  # comma separated: several sources add up
+    label_key: str = "label"  # the label's column (CSV, TSV), key (JSON Lines) or key in each shard sample's .json
+    image_key: str = "image"  # the image path's column or key in a table (relative to the table)
+    caption_key: str = "caption"  # the caption's column or key in a table (none: empty captions)
+    delimiter: str | None = None  # CSV/TSV column separator (, ; tab |); unset = sniffed from the file
+    skip_bad: bool = False  # train without samples whose image file is missing or not an image (else: an error)
+    max_bad: str = "0"  # how many such samples are tolerated before the error: a count (10) or a share (1%)
     label_map: str | None = None  # JSON {sample key: label}; overrides label_key
     group_key: str | None = None  # metadata field or manifest column (a source id, a URL): a group stays in one split
     out_dir: str = "runs/fused"  # run folder: checkpoints, logs, resolved config
@@ -138,8 +144,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "progress"):
             continue
+        # a bool flag alone means true (--skip-bad); with a value it is that value (--augment false)
+        switch = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(f), default=None,
-                            metavar=f.name.upper(), help=f"{notes.get(f.name, '')} (default: {_shown(_default_of(f))})".lstrip())
+                            metavar=f.name.upper(), **switch,
+                            help=f"{notes.get(f.name, '')} (default: {_shown(_default_of(f))})".lstrip().replace("%", "%%"))
     model_notes = _comments(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         parser.add_argument(f"--model.{f.name.replace('_', '-')}", dest=f"model.{f.name}", type=_flag_type(f), default=None,

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from . import jsonsafe
-from .config import DEFAULT_DATA
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
@@ -75,21 +74,20 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
     return probs, manifest.labels
 
 
-def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Path | None) -> dict[str, Any]:
+def evaluate(target: str, data: list[str] | None, split: str, seed: int | None, out: Path | None) -> dict[str, Any]:
     """Accuracy, per-class figures and a confusion matrix, streaming the split in chunks (bounded memory)."""
     from .data import DataSpec, SkipReport
     from .stream import chunks
 
     path = Path(target)
     predict: Any
-    if path.is_dir():  # exported artifact
+    if path.is_dir() and (path / "manifest.json").is_file():  # exported artifact
         from classifier_core.artifact import load_manifest
 
         manifest = load_manifest(path)
         image_size, labels, d = manifest.image_size, list(manifest.labels), manifest.data
         seed = int(d.get("seed", 0) if seed is None else seed)
-        spec = DataSpec(data, seed, d.get("label_key", "label"), None, d.get("val_frac", 0.1), d.get("test_frac", 0.1),
-                        d.get("group_key"))
+        spec = DataSpec.of({**d, "seed": seed}, data or [str(x) for x in d.get("sources", [])])
 
         def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
             return onnx_predict(path, images, captions)[0]
@@ -102,7 +100,7 @@ def evaluate(target: str, data: list[str], split: str, seed: int | None, out: Pa
         model, ckpt = load_checkpoint(path)
         tc, labels, image_size = ckpt["train_config"], list(ckpt["labels"]), model.cfg.image_size
         seed = int(tc["seed"] if seed is None else seed)
-        spec = DataSpec(data, seed, tc["label_key"], tc["label_map"], tc["val_frac"], tc["test_frac"], tc.get("group_key"))
+        spec = DataSpec.of({**tc, "seed": seed}, data)  # no --data: the run's own data, as export does
         text = text_encoder_from_checkpoint(ckpt)
 
         def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
@@ -129,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model_training evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="a checkpoint (.pt) or an exported model folder")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"shards, shard folders or manifests, comma separated (default: {DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help="data sources, comma separated (default: the ones the model was trained on)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="(default: test)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model was trained with)")
     p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png "
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
     target = Path(a.target)
     out = Path(a.out) if a.out else Path("runs") / "eval" / (target.name if target.is_dir() else target.parent.name)
-    report = evaluate(a.target, a.data.split(","), a.split, a.seed, out)
+    report = evaluate(a.target, a.data.split(",") if a.data else None, a.split, a.seed, out)
     if a.json:
         print(jsonsafe.dumps(report, indent=2))  # noqa: T201
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
@@ -73,9 +74,11 @@ def _onnx_export(wrapper: InferenceWrapper, path: Path, image_size: int) -> None
 
 
 def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray, ids: list[list[int]],
-                 max_len: int, vocab_size: int) -> dict[str, Any]:
-    """Max |onnx - torch| over the split at each batch size, and over lengths 1..max_len (the OOD
-    score relative to its size)."""
+                 max_len: int, vocab_size: int, ood_scale: float = 1.0) -> dict[str, Any]:
+    """Max |onnx - torch| over the split at each batch size, and over lengths 1..max_len. The OOD
+    score is compared relative to its size or ``ood_scale`` (its threshold), whichever is larger: what
+    it is used for is a comparison with the threshold, and a small model's nearly singular feature
+    covariance magnifies float32 rounding in scores far below it."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -91,7 +94,7 @@ def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray,
             raise ExportError("onnxruntime produced non-finite outputs")
         diffs = [float(np.abs(g - w).max()) for g, w in zip(got[:2], want[:2])]
         if len(got) > 2:  # a distance of hundreds: compared relative to its size
-            diffs.append(float((np.abs(got[2] - want[2]) / np.maximum(1.0, np.abs(want[2]))).max()))
+            diffs.append(float((np.abs(got[2] - want[2]) / np.maximum(max(1.0, ood_scale), np.abs(want[2]))).max()))
         return max(diffs)
 
     for bs in PARITY_BATCH_SIZES:
@@ -200,6 +203,27 @@ def _dataset_info(sources: list[str]) -> dict[str, Any]:
     return info
 
 
+def display_source(source: str | Path) -> str:
+    """A data source as the manifest records it: as the user named it when relative, else relative to
+    the working folder when under it, else its name alone (no training machine's absolute paths)."""
+    p = Path(source)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return p.name
+
+
+def unique_version(state_dict: dict[str, Any]) -> str:
+    """Today's date and a short digest of the weights: two different models never share a version."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().numpy().tobytes())
+    return f"{dt.datetime.now(dt.UTC):%Y.%m.%d}-{h.hexdigest()[:8]}"
+
+
 def write_atomically(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
@@ -217,20 +241,22 @@ def export_artifact(
     ablation: dict[str, Any] | None = None,
     extra_files: list[Path] | None = None,
     ood_quantile: float = OOD_QUANTILE,
+    force: bool = True,
 ) -> dict[str, Any]:
     from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
-    from .data import DataSpec, SkipReport
+    from .data import DataError, DataSpec, SkipReport
     from .evaluate import classification_report, plot_confusion
     from .stream import collect
     from .tensors import to_tensors
 
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not force:
+        raise DataError(f"{out_dir} already holds an artifact; pass --force to replace it, or --out another folder")
     model, ckpt = load_checkpoint(checkpoint)
     tc = ckpt["train_config"]
     text: TextEncoder = text_encoder_from_checkpoint(ckpt)
     labels = list(ckpt["labels"])
     sources = data or tc["data"]
-    spec = DataSpec(list(sources), tc["seed"], tc["label_key"], tc["label_map"], tc["val_frac"], tc["test_frac"],
-                    tc.get("group_key"))
+    spec = DataSpec.of(tc, list(sources))
     skipped = SkipReport()
     # the test split is held decoded for the parity check and the report: at most EXPORT_TEST_SAMPLES of it
     test = collect(spec, "test", labels, model.cfg.image_size, limit=EXPORT_TEST_SAMPLES, report=skipped)
@@ -259,7 +285,7 @@ def export_artifact(
 
         onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
         parity = check_parity(wrapper, onnx_path, test.images[:PARITY_SAMPLES], tensors.ids[:PARITY_SAMPLES],
-                              text.max_len, text.vocab_size)
+                              text.max_len, text.vocab_size, ood_scale=fit.threshold)
         log.info("parity (max abs diff): %s", parity)
         if parity["max"] > PARITY_ATOL:
             raise ExportError(f"onnxruntime vs torch parity failed: max abs diff {parity['max']:.2e} > {PARITY_ATOL:.0e} ({parity})")
@@ -324,7 +350,7 @@ def _manifest(model: FusedClassifier, ckpt: dict[str, Any], text: TextEncoder, l
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
-        "version": version or dt.datetime.now(dt.UTC).strftime("%Y.%m.%d"),
+        "version": version or unique_version(model.state_dict()),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "mode": model.cfg.mode,
         "labels": labels,
@@ -344,10 +370,14 @@ def _manifest(model: FusedClassifier, ckpt: dict[str, Any], text: TextEncoder, l
                              else {"mean": list(model.cfg.mean), "std": list(model.cfg.std)}),
                           "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
                           "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
-        "data": {"sources": [str(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
+        "data": {"sources": [display_source(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
+                 "image_key": tc.get("image_key", "image"), "caption_key": tc.get("caption_key", "caption"),
+                 "delimiter": tc.get("delimiter"),
                  "group_key": tc.get("group_key"), "duplicates_across_splits": trained.get("duplicates_across_splits"),
                  "val_frac": tc["val_frac"], "test_frac": tc["test_frac"],
-                 "n": {s: trained.get(f"n_{s}") for s in ("train", "val", "test")} | {"test_checked": len(test)},
+                 "n": {s: trained.get(f"n_{s}") for s in ("train", "val", "test")}, "test_checked": len(test),
+                 # the demo page's placeholder: a caption of this model's own data, not the built-in one's
+                 "example_caption": next((c for c in test.captions if c.strip()), ""),
                  "skipped": trained.get("skipped", skipped.to_dict()), "dataset": _dataset_info(sources)},
         "metrics": metrics,
         "parity": parity,
@@ -364,10 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="best.pt of a training run")
     p.add_argument("--out", default="exported_models/custom",
-                   help="artifact folder, replaced if it exists (default: exported_models/custom)")
+                   help="artifact folder; an existing one is replaced only with --force (default: exported_models/custom)")
     p.add_argument("--name", default=None, help="the model's name, as clients and /v2/models/<name> see it "
                    "(default: the --out folder's name)")
-    p.add_argument("--version", default=None, help="(default: today's date)")
+    p.add_argument("--version", default=None, help="(default: today's date and a digest of the weights, e.g. 2026.12.02-1a2b3c4d)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder at --out")
     p.add_argument("--data", default=None, help="data sources, comma separated (default: the training run's)")
     p.add_argument("--ablation", default=None, help="ablation.json from 'ablate', recorded in the manifest")
     p.add_argument("--ood-quantile", type=float, default=OOD_QUANTILE,
@@ -380,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ablation = json.loads(Path(a.ablation).read_text())["test_metrics"] if a.ablation else None
     name = a.name or Path(a.out).resolve().name
     manifest = export_artifact(a.checkpoint, a.out, name, a.version, a.data.split(",") if a.data else None, ablation,
-                               ood_quantile=a.ood_quantile)
+                               ood_quantile=a.ood_quantile, force=a.force)
     cal = manifest["calibration"]
     print(f"exported to {a.out}: parity max abs diff {manifest['parity']['max']:.2e}, metrics {jsonsafe.dumps(manifest['metrics'])}, "  # noqa: T201
           f"temperature {cal['temperature']:.3f} (ECE on test {cal['ece_test_before']:.3f} -> {cal['ece_test_after']:.3f}), "

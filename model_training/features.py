@@ -90,7 +90,8 @@ def _batch(group: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
 
 def cache_key(spec: DataSpec, split: str, image_size: int, backbone: dict[str, Any], tokenizer_json: str,
               rank: int, world: int, limit: int | None) -> str:
-    blob = json.dumps({"spec": asdict(spec), "split": split, "image_size": image_size, "backbone": backbone,
+    spec_dict = {**asdict(spec), "bad_keys": sorted(spec.bad_keys)}
+    blob = json.dumps({"spec": spec_dict, "split": split, "image_size": image_size, "backbone": backbone,
                        "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(), "rank": rank, "world": world,
                        "limit": limit}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -114,8 +114,11 @@ def channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
     Texture and contrast statistics like these tell a photograph from a drawing far better than
     the pooled features a classifier reads (measured in calibrate.py's notes)."""
     mean = x.mean(dim=(2, 3))
-    var = (x * x).mean(dim=(2, 3)) - mean * mean
-    return [mean, var.clamp(min=0.0).sqrt()]
+    # centred, not E[x^2] - mean^2: for a nearly constant channel that difference is all rounding,
+    # the square root magnifies it, and torch and onnxruntime (which sum in other orders) then gave
+    # OOD scores 1.6 % apart on a small model
+    var = ((x - mean[:, :, None, None]) ** 2).mean(dim=(2, 3))
+    return [mean, var.sqrt()]
 
 
 class PretrainedImageEncoder(nn.Module):

@@ -90,7 +90,8 @@ class StreamConfig:
 
 class SplitStream(IterableDataset):  # type: ignore[type-arg]
     """Batches of one split: dicts of ``images`` uint8 [n,S,S,3], ``ids`` int64 [n,L], ``targets``,
-    ``digests`` (int64 [n]), ``keys`` and ``skipped`` ({reason: count} of the images that failed to decode).
+    ``digests`` (int64 [n]), ``keys``, ``skipped`` ({reason: count} of the images that failed to decode)
+    and ``skipped_keys`` ([(reason, key)] of the same).
     """
 
     def __init__(self, spec: DataSpec, split: str, labels: list[str], tokenizer_json: str, cfg: StreamConfig) -> None:
@@ -133,7 +134,8 @@ class SplitStream(IterableDataset):  # type: ignore[type-arg]
         return {"images": torch.from_numpy(images), "ids": torch.from_numpy(ids),
                 "targets": torch.tensor([r[2] for r in rows], dtype=torch.long),
                 "digests": torch.tensor([digest(r[0]) for r in rows], dtype=torch.long),
-                "keys": [r[3] for r in rows], "skipped": {k: int(v) for k, v in skipped.counts.items()}}
+                "keys": [r[3] for r in rows], "skipped": {k: int(v) for k, v in skipped.counts.items()},
+                "skipped_keys": [(reason, key) for reason, key, _ in skipped.listed]}
 
 
 def _worker_init(_: int) -> None:

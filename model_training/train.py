@@ -4,7 +4,8 @@ Data is streamed (``stream.py``): one pass over metadata finds the labels and tr
 tokenizer, then every epoch reads, decodes and batches in ``DataLoader`` workers; memory does
 not grow with the dataset. The run folder gets ``config.yaml`` (resolved), ``tokenizer.json``,
 ``log.jsonl`` (one line per epoch), ``best.pt`` (best validation accuracy), ``last.pt`` (to
-resume), ``metrics.json`` and ``skipped.json`` (what the readers skipped and why).
+resume), ``metrics.json``, ``skipped.json`` (every skipped sample and why), ``curves.png`` (loss and
+accuracy per epoch) and ``summary.md``.
 
 With a pretrained backbone (``--model.backbone``) training has two phases. Phase 1: the backbone
 is frozen and only what follows it learns; without augmentation the backbone's pooled features
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -54,7 +56,8 @@ def seed_everything(seed: int) -> None:
 
 
 def spec_of(cfg: TrainConfig) -> DataSpec:
-    return DataSpec(list(cfg.data), cfg.seed, cfg.label_key, cfg.label_map, cfg.val_frac, cfg.test_frac, cfg.group_key)
+    return DataSpec(list(cfg.data), cfg.seed, cfg.label_key, cfg.label_map, cfg.val_frac, cfg.test_frac, cfg.group_key,
+                    cfg.image_key, cfg.caption_key, cfg.delimiter)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -115,8 +118,8 @@ def _predict_share(model: FusedClassifier, spec: DataSpec, split: str, labels: l
     parts: dict[str, list[np.ndarray]] = {"targets": [], "preds": [], "logp": [], "digests": []}
     skipped = SkipReport()
     for b in loader(stream, cfg.workers, pin_memory=device.type == "cuda"):
-        for reason, n in b["skipped"].items():
-            skipped.skip(reason, f"{split} split", n)
+        for reason, key in b.get("skipped_keys", []):
+            skipped.skip(reason, key)
         if len(b["targets"]) == 0:
             continue
         with autocast(cfg, device):
@@ -252,7 +255,12 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
         raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
     spec = spec_of(cfg)
     if index is None:
-        index = scan(spec)
+        index = scan(spec, max_bad="100%" if cfg.skip_bad else cfg.max_bad)
+    spec = dataclasses.replace(spec, bad_keys=frozenset(key for key, _ in index.report.bad_images()))
+    if cfg.model.mode != "image" and index.captioned == 0:
+        raise DataError(f"{', '.join(cfg.data)}: no training sample has a caption, and a {cfg.model.mode} model reads "
+                        "them; train an image-only model with --model.mode image, or add captions (a caption column, "
+                        "or a .txt beside each image of a class folder)")
     if resume is not None and list(resume["labels"]) != index.labels:
         raise DataError(f"--resume {cfg.resume}: its labels {resume['labels']} differ from the data's {index.labels}")
     text = setup_text(cfg, index, resume, dd)
@@ -467,7 +475,13 @@ def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, 
         "seconds": round(time.time() - t0, 1),
     }
     (out / "metrics.json").write_text(jsonsafe.dumps(summary, indent=2))
-    (out / "skipped.json").write_text(jsonsafe.dumps(report.to_dict(), indent=2))
+    from .evaluate import classification_report
+    from .report import plot_curves, write_summary
+
+    plot_curves(out / "log.jsonl", out / "curves.png", f"{cfg.model.mode} model, {', '.join(cfg.data)}")
+    confusion = classification_report(results["test"].targets, results["test"].preds, index.labels)["confusion_matrix"]
+    write_summary(out / "summary.md", summary, list(cfg.data), index.labels, confusion)
+    (out / "skipped.json").write_text(jsonsafe.dumps(report.to_json(), indent=2))
     log.info(report.summary())
     return summary
 

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .logs import log_config
 from .predictor import Predictor
 from .settings import Settings
@@ -31,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides["model_dir"] = Path(args.model_dir)
     if args.workers is not None:
         overrides["workers"] = args.workers
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # a mistyped setting: one line naming the variable, exit 2
+        wrong = "; ".join(f"CLASSIFIER_{'_'.join(str(x) for x in e['loc']).upper()}: {e['msg']}"
+                          + (f" (got {e['input']!r})" if isinstance(e.get("input"), str | int | float) else "")
+                          for e in exc.errors(include_url=False))
+        print(f"service: cannot start: {wrong}", file=sys.stderr)  # noqa: T201
+        return 2
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     workers, threads = resolve_workers(settings)
     settings = settings.model_copy(update={"workers": workers, "intra_op_threads": threads})

@@ -106,6 +106,10 @@ class ModelInfo(BaseModel):
     providers: list[str]
     metrics: dict[str, Any]
     trained_on: str = Field(description="one line on the data the model learned from (from its manifest)")
+    training_data: dict[str, Any] = Field(default_factory=dict, description="the data sources as named at training "
+                                          "(relative) and the samples per split as trained")
+    example_caption: str = Field(default="", description="a caption from the model's own test data (the demo's "
+                                 "placeholder); empty for artifacts that do not record one")
     calibration: dict[str, float] = Field(description="the softmax temperature fitted at export and the test split's "
                                           "expected calibration error before and after it")
     abstention: dict[str, Any] = Field(description="min_confidence (the service's default), whether the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -48,6 +49,9 @@ async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
         "max_caption_tokens": m.max_len,
         "inputs": [vars(t) for t in m.inputs], "outputs": [vars(t) for t in m.outputs],
         "providers": pipeline.predictor.providers, "metrics": m.metrics, "trained_on": m.describe_training_data(),
+        "training_data": {"sources": [Path(str(x)).name if Path(str(x)).is_absolute() else str(x) for x in m.data.get("sources", [])],
+                          "n": {k: v for k, v in (m.data.get("n") or {}).items() if k in ("train", "val", "test")}},
+        "example_caption": m.example_caption,
         "calibration": {k: m.calibration[k] for k in ("temperature", "ece_test_before", "ece_test_after") if k in m.calibration},
         "abstention": {"min_confidence": settings.min_confidence, "ood": settings.ood_abstain and m.ood_threshold is not None,
                        "ood_method": m.ood.get("method"), "ood_flagged_test": (m.ood.get("flagged") or {}).get("test")},

@@ -33,6 +33,7 @@ async function loadModel() {
   $("model-name").textContent = m.name;
   $("model-version").textContent = `version ${m.version} · ${m.providers[0] || ""}`;
   $("trained-on").textContent = m.trained_on || "";
+  if (m.example_caption) $("description").placeholder = m.example_caption;  // this model's own kind of caption
   const abstention = m.abstention || {};
   $("min-confidence").value = Math.round(100 * (abstention.min_confidence || 0));
   $("labels").replaceChildren(...m.labels.map((l) => {

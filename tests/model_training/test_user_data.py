@@ -58,7 +58,7 @@ def test_missing_data_entries_are_errors_naming_them(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=re.escape(f"--data {bad}: {message}")):
             scan(DataSpec([str(good), str(bad)]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"a folder without \.tar shards"):
+    with pytest.raises(DataError, match=r"a folder with neither \.tar shards nor class subfolders of images"):
         scan(DataSpec([str(tmp_path / "empty")]))
     out = cli("train", "--data", f"{good},{tmp_path / 'typo.csv'}", "--out-dir", str(tmp_path / "run"), "--preset", "smoke")
     assert out.returncode == 2
