@@ -145,7 +145,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in ("model", "progress"):
             continue
         # a bool flag alone means true (--skip-bad); with a value it is that value (--augment false)
-        switch = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(f), default=None,
                             metavar=f.name.upper(), **switch,
                             help=f"{notes.get(f.name, '')} (default: {_shown(_default_of(f))})".lstrip().replace("%", "%%"))
