@@ -1,0 +1,45 @@
+"""The README's examples run as written: its API section's shell and Python blocks, against a live service.
+
+Each block is taken from README.md as it is (only ``localhost:8000`` becomes the test server's
+address) and run from the repository root, as a user would paste it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import DEFAULT_MODEL, ROOT, running_server
+
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(section: str) -> list[tuple[str, str]]:
+    """(language, code) of each fenced bash/python block under the README heading ``section``."""
+    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(bash|python)\n(.*?)```", body, re.S)]
+
+
+def test_the_examples_name_only_files_that_ship() -> None:
+    named = set(re.findall(r"examples/[\w.-]+", README))
+    assert named and all((ROOT / p).is_file() for p in named), sorted(p for p in named if not (ROOT / p).is_file())
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_api_examples_run_as_written_against_a_live_service() -> None:
+    examples = blocks("The API at a glance")
+    assert [lang for lang, _ in examples] == ["bash", "python", "python"], examples
+    with running_server(DEFAULT_MODEL, CLASSIFIER_WORKERS="1") as (_, url):
+        address = url.removeprefix("http://")
+        for lang, code in examples:
+            code = code.replace("localhost:8000", address)
+            cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, (code, out.stdout[-500:], out.stderr[-1500:])
+            assert out.stdout.strip(), code  # each example prints its answer
+            if lang == "bash":
+                assert '"label"' in out.stdout and '"request_id"' in out.stdout, out.stdout[:500]
