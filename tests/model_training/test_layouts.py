@@ -149,6 +149,8 @@ def test_user_mistakes_end_every_command_with_one_line_and_exit_2(csv_run: Path,
         (["evaluate", str(nothere)], f"{nothere}: no such checkpoint"),
         (["ablate", "--data", str(tmp_path / "typo.csv"), "--out-dir", str(tmp_path / "ab")],
          f"--data {tmp_path / 'typo.csv'}: no such file or folder"),
+        (["make-dataset", "--num-samples", "0", "--out", str(tmp_path / "md")], "--num-samples must be at least 1, not 0"),
+        (["make-dataset", "--out", str(csv_run / "best.pt"), "--num-samples", "5"], f"{csv_run / 'best.pt'}: File exists"),
     ]
     for args, start in cases:
         out = cli(*args)
