@@ -17,7 +17,7 @@ from . import __version__, tracing
 from .errors import install_error_handlers
 from .lifecycle import install_drain_on_sigterm
 from .metrics import Metrics
-from .middleware import RequestContextMiddleware
+from .middleware import RequestContextMiddleware, rows_body_limit
 from .pipeline import Pipeline
 from .predictor import Engine, Predictor
 from .routes import classify, health, pages, v2
@@ -46,9 +46,16 @@ def create_app(settings: Settings | None = None, predictor: Engine | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pipeline.start(load_model)
         install_drain_on_sigterm(pipeline, settings.drain_delay_s, settings.shutdown_grace_s)
+        grpc_server = None
+        if settings.grpc_port:
+            from .grpc_v2.server import start_grpc  # grpcio is imported only where gRPC is on
+
+            grpc_server = await start_grpc(pipeline, settings, metrics, rows_body_limit(settings))
         try:
             yield
         finally:
+            if grpc_server is not None:  # no new calls; those in flight finish within the grace
+                await grpc_server.stop(max(1.0, settings.shutdown_grace_s - settings.drain_delay_s))
             await pipeline.stop()
             metrics.close()
 

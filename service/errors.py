@@ -100,6 +100,22 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
 
 
 ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERROR_CATALOGUE.items()}
+
+# error code -> gRPC status (a grpc.StatusCode name) for the Open Inference Protocol over gRPC; a code
+# not listed maps by its HTTP status: 4xx -> INVALID_ARGUMENT, 5xx -> INTERNAL
+GRPC_STATUS: dict[str, str] = {
+    "unauthorized": "UNAUTHENTICATED",
+    "not_found": "NOT_FOUND",
+    "request_timeout": "DEADLINE_EXCEEDED",
+    "timeout": "DEADLINE_EXCEEDED",
+    "payload_too_large": "RESOURCE_EXHAUSTED",
+    "overloaded": "RESOURCE_EXHAUSTED",
+    "not_ready": "UNAVAILABLE",
+}
+
+
+def grpc_status_name(code: str, status: int) -> str:
+    return GRPC_STATUS.get(code) or ("INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
 V2_PREFIX = "/v2"
 MAX_ECHO = 200  # characters of client input quoted back in an error message
 

@@ -37,6 +37,10 @@ class Metrics:
         self.v2_unknown_keys = Counter("classifier_v2_unknown_keys_total",
                                        "keys of /v2 inference requests the service does not read (ignored), by level: "
                                        "request, input, output, parameters", ["level"], registry=self.registry)
+        self.grpc_requests = Counter("classifier_grpc_requests_total", "gRPC calls by method and status",
+                                     ["method", "code"], registry=self.registry)
+        self.grpc_latency = Histogram("classifier_grpc_request_duration_seconds", "gRPC call latency", ["method"],
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry,
                                  multiprocess_mode="livesum")
         self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",

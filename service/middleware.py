@@ -43,6 +43,14 @@ OPEN_PREFIXES = ("/static/", "/docs-assets/")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and a description
 
 
+def rows_body_limit(settings: Settings) -> int:
+    """The largest body (or gRPC message) a request of rows can need: each row at most one image
+    (base64: 4/3 of its bytes) and a caption (JSON escapes: up to 12 bytes a character, a surrogate
+    pair), capped by MAX_BATCH_BODY_BYTES; nothing bigger is read whatever that setting says."""
+    row = -(-settings.max_upload_bytes // 3) * 4 + 12 * settings.max_description_chars + 256
+    return min(settings.max_batch_body_bytes, settings.max_batch_items * row + FORM_OVERHEAD)
+
+
 class BodyAborted(ServiceError):
     """The body broke a limit (size, time) while streaming in; raised from ``receive``."""
 
@@ -163,11 +171,8 @@ class RequestContextMiddleware:
         # digests have equal length, so compare_digest's time does not depend on the key's length
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         # route -> (required content type, body limit)
-        # a route's body limit is what it can accept, capped by the configured one: the batch routes'
-        # rows each hold at most one image (base64: 4/3 of its bytes) and a caption (JSON escapes: up
-        # to 12 bytes a character, a surrogate pair), so nothing bigger is read whatever MAX_BATCH_BODY_BYTES says
-        row = -(-settings.max_upload_bytes // 3) * 4 + 12 * settings.max_description_chars + 256
-        self.rows_limit = min(settings.max_batch_body_bytes, settings.max_batch_items * row + FORM_OVERHEAD)
+        # a route's body limit is what it can accept, capped by the configured one
+        self.rows_limit = rows_body_limit(settings)
         self.post_rules = {
             "/classify": ("multipart/form-data", settings.max_upload_bytes + FORM_OVERHEAD + 4 * settings.max_description_chars),
             "/classify/batch": ("application/json", self.rows_limit),

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = 0.0
     max_queue: int = 256  # rows waiting for inference; beyond it requests get 503 + Retry-After
     request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
+    # the Open Inference Protocol over gRPC on this port too (every worker listens on it); 0 = off
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    grpc_host: str = "0.0.0.0"  # the gRPC listener's address
     max_header_bytes: int = 32 * 1024  # request line + headers; longer heads get 431 and the connection closes
     header_timeout_s: float = 10.0  # a request head must arrive within this of its first byte (408, closed)
     # open connections per worker process; past it a new connection gets 503 and is closed at once

@@ -172,17 +172,27 @@ def _flatten(data: list[Any]) -> list[str]:
     return [y for x in data for y in (x if isinstance(x, list) else [x])]
 
 
+def check_input(tensors: dict[str, Any], name: str, datatype: str) -> None:
+    """One input's name and type, before its data is read (REST and gRPC alike)."""
+    if name not in ("image", "description"):
+        raise _bad(f"unexpected input '{truncate(name)}'; the model takes 'image' and 'description'")
+    if name in tensors:
+        raise _bad(f"input '{name}' appears twice")
+    if datatype != "BYTES":
+        raise _bad(f"input '{name}' must have datatype BYTES, not {truncate(datatype)}")
+
+
+def check_shape(name: str, shape: list[int], n: int) -> None:
+    if math.prod(shape) != n:
+        raise _bad(f"input '{name}': shape {shape} does not match its {n} elements")
+
+
 def read_inputs(req: InferRequest, binary: bytes) -> dict[str, tuple[list[Any], bool]]:
     """name -> (elements, came_as_binary), every input checked against its declared shape."""
     tensors: dict[str, tuple[list[Any], bool]] = {}
     offset = 0
     for t in req.inputs:
-        if t.name not in ("image", "description"):
-            raise _bad(f"unexpected input '{truncate(t.name)}'; the model takes 'image' and 'description'")
-        if t.name in tensors:
-            raise _bad(f"input '{t.name}' appears twice")
-        if t.datatype != "BYTES":
-            raise _bad(f"input '{t.name}' must have datatype BYTES, not {truncate(t.datatype)}")
+        check_input(tensors, t.name, t.datatype)
         size = (t.parameters or {}).get("binary_data_size")
         elements: list[Any]
         if size is not None:
@@ -200,8 +210,7 @@ def read_inputs(req: InferRequest, binary: bytes) -> dict[str, tuple[list[Any], 
                 raise _bad(f"input '{t.name}' has no data")
             elements = _flatten(t.data)
             tensors[t.name] = (elements, False)
-        if math.prod(t.shape) != len(elements):
-            raise _bad(f"input '{t.name}': shape {t.shape} does not match its {len(elements)} elements")
+        check_shape(t.name, t.shape, len(elements))
     if offset != len(binary):
         raise _bad(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
     if "image" not in tensors:
@@ -231,7 +240,11 @@ OUTPUT_NAMES = ("label", "probabilities", "text_attention", "abstained", "ood_sc
 
 
 def request_min_confidence(req: InferRequest, pipeline: Pipeline) -> float:
-    value = (req.parameters or {}).get("min_confidence")
+    return parameter_min_confidence(req.parameters or {}, pipeline)
+
+
+def parameter_min_confidence(parameters: dict[str, Any], pipeline: Pipeline) -> float:
+    value = parameters.get("min_confidence")
     if value is None:
         return pipeline.min_confidence()
     if type(value) not in (int, float) or not 0.0 <= float(value) <= 1.0:
@@ -257,8 +270,8 @@ def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
     return selection
 
 
-def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], pipeline: Pipeline,
-           name: str, min_confidence: float) -> Response:
+def output_tensors(preds: list[Prediction], pipeline: Pipeline, min_confidence: float) -> dict[str, tuple[str, list[int], Any]]:
+    """name -> (datatype, shape, values) of every output, for any transport to encode."""
     m = pipeline.predictor.manifest
     assert m is not None
     n = len(preds)
@@ -270,19 +283,31 @@ def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Pre
     abstained = np.array([p.abstain_reason(min_confidence, pipeline.settings.ood_abstain) is not None for p in preds])
     labels = ["" if a else m.labels[int(i)] for a, i in zip(abstained, probs.argmax(1))]
     ood = np.array([np.nan if p.ood is None else p.ood for p in preds], np.float32)
-    tensors: dict[str, tuple[str, list[int], Any]] = {
+    return {
         "label": ("BYTES", [n], labels),
         "probabilities": ("FP32", [n, len(m.labels)], probs),
         "text_attention": ("FP32", [n, width], attn),
         "abstained": ("BOOL", [n], abstained),
         "ood_score": ("FP32", [n], ood),
     }
+
+
+def encode_binary(datatype: str, value: Any) -> bytes:
+    """A tensor in the protocol's binary form (BYTES: length-prefixed elements; others: row-major raw)."""
+    return serialize_bytes([x.encode() for x in value]) if datatype == "BYTES" else np.ascontiguousarray(value).tobytes()
+
+
+def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], pipeline: Pipeline,
+           name: str, min_confidence: float) -> Response:
+    m = pipeline.predictor.manifest
+    assert m is not None
+    tensors = output_tensors(preds, pipeline, min_confidence)
     outputs, blobs = [], []
     for out_name, binary in selection:
         dtype, shape, value = tensors[out_name]
         entry: dict[str, Any] = {"name": out_name, "datatype": dtype, "shape": shape}
         if binary:
-            blob = serialize_bytes([x.encode() for x in value]) if dtype == "BYTES" else np.ascontiguousarray(value).tobytes()
+            blob = encode_binary(dtype, value)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
