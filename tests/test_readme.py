@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DEFAULT_MODEL, ROOT, running_server
+from helpers import DEFAULT_MODEL, ROOT, free_port, running_server
 
 README = (ROOT / "README.md").read_text()
 
@@ -31,11 +31,13 @@ def test_the_examples_name_only_files_that_ship() -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_api_examples_run_as_written_against_a_live_service() -> None:
     examples = blocks("The API at a glance")
-    assert [lang for lang, _ in examples] == ["bash", "python", "python"], examples
-    with running_server(DEFAULT_MODEL, CLASSIFIER_WORKERS="1") as (_, url):
+    assert [lang for lang, _ in examples] == ["bash", "python", "python", "python"], examples
+    grpc_port = free_port()
+    with running_server(DEFAULT_MODEL, CLASSIFIER_WORKERS="1", CLASSIFIER_GRPC_PORT=str(grpc_port),
+                        CLASSIFIER_GRPC_HOST="127.0.0.1") as (_, url):
         address = url.removeprefix("http://")
         for lang, code in examples:
-            code = code.replace("localhost:8000", address)
+            code = code.replace("localhost:8000", address).replace("localhost:8001", f"127.0.0.1:{grpc_port}")
             cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, (code, out.stdout[-500:], out.stderr[-1500:])
