@@ -16,106 +16,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .codes import (  # noqa: F401 (re-exported: the edges and the adapters import them from here)
+    TABLE,
+    BadRequest,
+    InvalidField,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    UnsupportedMediaType,
+    grpc_status,
+    http_status,
+    retry_after,
+)
+
 log = logging.getLogger(__name__)
 
 
-class ServiceError(Exception):
-    status = 500
-    code = "internal_error"
-
-    def __init__(self, message: str, code: str | None = None, headers: dict[str, str] | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
-        if status:
-            self.status = status
-        self.headers = headers or {}
+# the table and the typed errors live in codes.py (no web framework there); re-exported for the edges
+ERROR_CATALOGUE: dict[str, tuple[int, str]] = {code: (c.http, c.example) for code, c in TABLE.items()}
+ERROR_STATUS: dict[str, int] = {code: c.http for code, c in TABLE.items()}
 
 
-class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
+def retry_headers(code: str) -> dict[str, str]:
+    seconds = retry_after(code)
+    return {"Retry-After": str(seconds)} if seconds is not None else {}
 
 
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-
-
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
-
-
-class InvalidField(ServiceError):
-    status, code = 422, "invalid_field"
-
-
-class NotReady(ServiceError):
-    status, code = 503, "not_ready"
-
-
-class Overloaded(ServiceError):
-    status, code = 503, "overloaded"
-
-
-class Timeout(ServiceError):
-    status, code = 504, "timeout"
-
-
-# error code -> (status, example message): the OpenAPI examples. Each example is a real answer
-# (tests/service/test_contract.py triggers every code it can and compares, numbers aside).
-ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
-    "invalid_image": (400, "the file is not a recognised image"),
-    "unsupported_image_format": (400, "image format PPM is not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"),
-    "bad_base64": (400, "items[0]: the image is not valid base64"),
-    "bad_request": (400, "the request body is not valid multipart/form-data: Missing boundary in multipart."),
-    "invalid_json": (400, "the request body is not valid JSON"),
-    "invalid_description": (400, "the description is not valid Unicode text (a lone surrogate)"),
-    "unauthorized": (401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)"),
-    "not_found": (404, "no route GET /nope"),
-    "method_not_allowed": (405, "method GET not allowed on /classify"),
-    "request_timeout": (408, "the request body did not arrive within 20 s"),
-    "payload_too_large": (413, "the request body is 10559489 bytes; the limit is 10559488"),
-    "image_too_large": (413, "the image is 30000x30000 = 900000000 pixels; the limit is 40000000"),
-    "unsupported_media_type": (415, "POST /classify takes multipart/form-data, not application/json"),
-    "missing_field": (422, "the 'image' file field is required"),
-    "invalid_field": (422, "'image' must be a file part (with a filename), not a text field"),
-    "unknown_field": (422, "unknown form field(s): colour; send 'image' and 'description'"),
-    "description_too_long": (422, "the description has 5000 characters; the limit is 2000"),
-    "image_too_complex": (422, "the JPEG has 300 scans; real encoders write at most a few dozen (the limit is 64)"),
-    "too_many_items": (422, "the batch has 65 rows; the limit is 64"),
-    "validation_error": (422, "query.top_k: Input should be greater than or equal to 1"),
-    "header_too_large": (431, "the request head exceeds 32768 bytes"),
-    "client_closed_request": (499, "the client closed the connection before its body arrived (logged, never sent)"),
-    "inference_failed": (500, "inference failed for this row"),
-    "internal_error": (500, "internal error; see the service log with this request id"),
-    "not_ready": (503, "the model is not ready (state: loading)"),
-    "overloaded": (503, "256 rows are in progress; the limit is 256"),
-    "timeout": (504, "the request waited 10012 ms in the queue"),
-}
-
-
-ERROR_STATUS: dict[str, int] = {code: status for code, (status, _) in ERROR_CATALOGUE.items()}
-
-# error code -> gRPC status (a grpc.StatusCode name) for the Open Inference Protocol over gRPC; a code
-# not listed maps by its HTTP status: 4xx -> INVALID_ARGUMENT, 5xx -> INTERNAL
-GRPC_STATUS: dict[str, str] = {
-    "unauthorized": "UNAUTHENTICATED",
-    "not_found": "NOT_FOUND",
-    "request_timeout": "DEADLINE_EXCEEDED",
-    "timeout": "DEADLINE_EXCEEDED",
-    "payload_too_large": "RESOURCE_EXHAUSTED",
-    "overloaded": "RESOURCE_EXHAUSTED",
-    "not_ready": "UNAVAILABLE",
-}
-
-
-def grpc_status_name(code: str, status: int) -> str:
-    return GRPC_STATUS.get(code) or ("INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
 V2_PREFIX = "/v2"
 MAX_ECHO = 200  # characters of client input quoted back in an error message
 
@@ -145,13 +75,17 @@ def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-def error_response(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_payload(request.url.path, code, message, request_id_of(request)), status_code=status, headers=headers)
+def error_response(request: Request, code: str, message: str, body: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer for an error code: its status and Retry-After from the table, the body in the path's protocol shape."""
+    payload = error_payload(request.url.path, code, message, request_id_of(request)) | (body or {})
+    return JSONResponse(payload, status_code=http_status(code), headers=retry_headers(code) | (headers or {}))
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-               413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error", 503: "not_ready",
-               504: "timeout"}
+# what Starlette's own HTTPException (routing, form parsing) means, as a code of the table
+_STARLETTE_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                    408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
+                    422: "validation_error", 503: "not_ready", 504: "timeout"}
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:
@@ -166,27 +100,30 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return error_response(request, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(request, 400, "invalid_json", "the request body is not valid JSON")
-        return error_response(request, 422, "validation_error", describe_validation_errors(errors))
+            return error_response(request, "invalid_json", "the request body is not valid JSON")
+        return error_response(request, "validation_error", describe_validation_errors(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        code = _STARLETTE_CODES.get(exc.status_code)
+        if code is None:  # nothing raises another: a bug, answered as one
+            log.error("unexpected HTTPException %s: %s", exc.status_code, exc.detail)
+            return error_response(request, "internal_error", "internal error; see the service log with this request id")
         message = str(exc.detail)
-        if exc.status_code == 404:
+        if code == "not_found":
             message = f"no route {request.method} {request.url.path}"
-        elif exc.status_code == 405:
+        elif code == "method_not_allowed":
             message = f"method {request.method} not allowed on {request.url.path}"
-        return error_response(request, exc.status_code, code, message, dict(exc.headers or {}))
+        return error_response(request, code, message, headers=dict(exc.headers or {}))  # Allow on a 405
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         # last resort (the request middleware answers unhandled errors first): no traceback to the caller
         log.error("unhandled error (request_id=%s): %s", request_id_of(request), type(exc).__name__, exc_info=exc)
-        return error_response(request, 500, "internal_error", "internal error; see the service log with this request id")
+        return error_response(request, "internal_error", "internal error; see the service log with this request id")

@@ -21,7 +21,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 from starlette.requests import ClientDisconnect
 
-from .errors import ServiceError, error_body, error_payload, render_json
+from .errors import ServiceError, error_body, error_payload, http_status, render_json, retry_headers
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .settings import Settings
@@ -54,10 +54,6 @@ def rows_body_limit(settings: Settings) -> int:
 class BodyAborted(ServiceError):
     """The body broke a limit (size, time) while streaming in; raised from ``receive``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message, code=code)
-        self.status = status
-
 
 class _Exchange:
     """One request's answer: the status it got, whether it started, the body error that must win."""
@@ -65,7 +61,7 @@ class _Exchange:
     def __init__(self, send: Callable[[Message], Any], request_id: str, path: str, headers: dict[bytes, bytes]) -> None:
         self._send = send
         self.request_id, self.path = request_id, path
-        self.status = 500
+        self.status = http_status("internal_error")  # until the app answers
         self.started = False
         self.override = False  # our body error replaced the framework's answer
         self.abort: BodyAborted | None = None
@@ -109,10 +105,12 @@ class _Exchange:
             return
         await self._send(message)
 
-    async def reply(self, status: int, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def reply(self, code: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        """An error answer: its status and Retry-After from the error table."""
         body = render_json(error_payload(self.path, code, msg, self.request_id))
         hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (extra or [])
-        await self.send({"type": "http.response.start", "status": status, "headers": hdrs})
+        hdrs += [(k.lower().encode(), v.encode()) for k, v in retry_headers(code).items()]
+        await self.send({"type": "http.response.start", "status": http_status(code), "headers": hdrs})
         await self.send({"type": "http.response.body", "body": body})
 
 
@@ -128,8 +126,8 @@ class _BodyGuard:
         owner.inflight_body_bytes += reserved
         self.loop_deadline = asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
 
-    def _fail(self, status: int, code: str, message: str) -> BodyAborted:
-        self.ex.abort = BodyAborted(status, code, message)
+    def _fail(self, code: str, message: str) -> BodyAborted:
+        self.ex.abort = BodyAborted(message, code=code)
         return self.ex.abort
 
     async def receive(self) -> Message:
@@ -139,19 +137,19 @@ class _BodyGuard:
             async with asyncio.timeout_at(self.loop_deadline):
                 message: Message = await self._receive()
         except TimeoutError:
-            raise self._fail(408, "request_timeout",
+            raise self._fail("request_timeout",
                              f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
         if message["type"] != "http.request":
             return message
         self.ex.note(message)
         self.received += len(message.get("body", b""))
         if self.received > self.limit:
-            raise self._fail(413, "payload_too_large", f"the request body exceeds {self.limit} bytes")
+            raise self._fail("payload_too_large", f"the request body exceeds {self.limit} bytes")
         if self.received > self.held:  # past its reservation (a chunked body): count the rest now
             self.owner.inflight_body_bytes += self.received - self.held
             self.held = self.received
             if self.owner.inflight_body_bytes > settings.max_inflight_body_bytes:
-                raise self._fail(503, "overloaded", "request bodies in progress hold more than the limit of "
+                raise self._fail("overloaded", "request bodies in progress hold more than the limit of "
                                  f"{settings.max_inflight_body_bytes} bytes")
         return message
 
@@ -202,12 +200,12 @@ class RequestContextMiddleware:
         except ClientDisconnect:
             # the client hung up before its body arrived: nothing to answer, and not a server error
             if not ex.started:
-                ex.status = 499
+                ex.status = http_status("client_closed_request")  # 499, logged, never sent
         except Exception as exc:
             # answered here, inside the request-id scope; the traceback goes to the log only
             log.error("unhandled error (request_id=%s): %s", ex.request_id, type(exc).__name__, exc_info=exc)
             if not ex.started:
-                await ex.reply(500, "internal_error", "internal error; see the service log with this request id")
+                await ex.reply("internal_error", "internal error; see the service log with this request id")
 
     async def __call__(self, scope: Scope, receive: Callable[[], Any], send: Callable[[Message], Any]) -> None:
         if scope["type"] != "http":
@@ -246,7 +244,7 @@ class RequestContextMiddleware:
         path = ex.path
         if (self._key_digest is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
                 and not self._key_ok(headers)):
-            await ex.reply(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
+            await ex.reply("unauthorized", "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)",
                            [(b"www-authenticate", b"Bearer")])
             return
         rule = self._rule(path) if method == "POST" else None
@@ -256,27 +254,26 @@ class RequestContextMiddleware:
         ctype, limit = rule
         got = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype and got != ctype:
-            await ex.reply(415, "unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
+            await ex.reply("unsupported_media_type", f"POST {path} takes {ctype}, not {got or 'no content type'}")
             return
         declared = headers.get(b"content-length")
         # not a plain length: uvicorn's parser has refused such a request already
         reserved = int(declared) if declared is not None and _DECIMAL.fullmatch(declared) else 0
         if reserved > limit:
-            await ex.reply(413, "payload_too_large", f"the request body is {reserved} bytes; the limit is {limit}")
+            await ex.reply("payload_too_large", f"the request body is {reserved} bytes; the limit is {limit}")
             return
         # memory for bodies in flight is bounded: a declared length is reserved before anything is read
         budget = self.settings.max_inflight_body_bytes
         if reserved and self.inflight_body_bytes + reserved > budget:
-            await ex.reply(503, "overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
-                           f"{reserved} more would pass the limit of {budget}", [(b"retry-after", b"1"), (b"connection", b"close")])
+            await ex.reply("overloaded", f"request bodies in progress hold {self.inflight_body_bytes} bytes; "
+                           f"{reserved} more would pass the limit of {budget}", [(b"connection", b"close")])
             return
         guard = _BodyGuard(self, ex, receive, limit, reserved, start + self.settings.body_timeout_s)
         try:
             await self._call_app(scope, guard.receive, ex)
         except BodyAborted as exc:
             if not ex.started:
-                extra = [(b"connection", b"close")] + ([(b"retry-after", b"1")] if exc.status == 503 else [])
-                await ex.reply(exc.status, exc.code, exc.message, extra)
+                await ex.reply(exc.code, exc.message, [(b"connection", b"close")])
         finally:
             guard.release()
 

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -38,7 +38,7 @@ from classifier_core.images import ImageError, is_progressive_jpeg, load_image
 from classifier_core.text import EncodedText
 
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
-from .errors import ERROR_STATUS, InvalidField, NotReady, Overloaded, ServiceError
+from .codes import InvalidField, NotReady, Overloaded, ServiceError, http_status
 from .metrics import Metrics
 from .predictor import Engine, Prediction
 from .settings import Settings
@@ -62,19 +62,17 @@ class Row:
 
 @dataclass(frozen=True)
 class RowError:
-    """Why one row got no prediction: an error code from ``errors.ERROR_CATALOGUE``."""
+    """Why one row got no prediction: an error code from ``codes.TABLE``."""
 
     code: str
     message: str
-    status: int = field(default=0)
 
-    def __post_init__(self) -> None:
-        if not self.status:
-            object.__setattr__(self, "status", ERROR_STATUS.get(self.code, 500))
+    @property
+    def status(self) -> int:  # for HTTP adapters that answer row by row (the batch route's per-item status)
+        return http_status(self.code)
 
     def exception(self, where: str = "") -> ServiceError:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        return ServiceError(f"{where}{self.message}", code=self.code, headers=headers, status=self.status)
+        return ServiceError(f"{where}{self.message}", code=self.code)
 
 
 Answer = Prediction | RowError
@@ -105,8 +103,7 @@ class Admission:
     @contextmanager
     def admit(self, n: int) -> Iterator[None]:
         if self.count + n > self.limit:
-            raise Overloaded(f"{self.count} rows are in progress; {n} more would pass the limit of {self.limit}",
-                             headers={"Retry-After": "1"})
+            raise Overloaded(f"{self.count} rows are in progress; {n} more would pass the limit of {self.limit}")
         self.count += n
         try:
             yield
@@ -158,7 +155,7 @@ class Pipeline:
 
     def require_ready(self) -> None:
         if not self.predictor.ready:
-            raise NotReady(f"the model is not ready (state: {self.predictor.state})", headers={"Retry-After": "5"})
+            raise NotReady(f"the model is not ready (state: {self.predictor.state})")
 
     @property
     def labels(self) -> list[str]:
@@ -178,8 +175,7 @@ class Pipeline:
         """Before a body is read: when the budget is already spent, refuse at once (503 costs no
         read, parse or decode). Holds nothing: admission proper comes in ``run``, once the rows are here."""
         if self.admission.count >= self.admission.limit:
-            raise Overloaded(f"{self.admission.count} rows are in progress; the limit is {self.admission.limit}",
-                             headers={"Retry-After": "1"})
+            raise Overloaded(f"{self.admission.count} rows are in progress; the limit is {self.admission.limit}")
 
     def check_row_count(self, n: int, what: str = "the request") -> None:
         """Before any row is decoded: every protocol has the same bounds on rows per request."""

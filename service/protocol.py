@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from http import HTTPStatus
 from typing import Any
 
 try:  # the class uvicorn's "auto" would choose
@@ -32,7 +33,7 @@ try:  # the class uvicorn's "auto" would choose
 except ImportError:  # pragma: no cover (uvicorn without httptools)
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Inner  # type: ignore[assignment]
 
-from .errors import error_body, render_json
+from .errors import error_body, http_status, render_json, retry_headers
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _OFF = range(6)
 MAX_CHUNK_LINE = 1024
@@ -41,10 +42,13 @@ _HEX = re.compile(rb"[0-9A-Fa-f]+")
 MAX_CHUNK_DIGITS = 15  # significant hex digits of a chunk size (leading zeros aside): under 2**60
 
 
-def _error(status: int, reason: str, code: str, message: str, extra: bytes = b"") -> bytes:
+def _error(code: str, message: str) -> bytes:
+    """A whole error answer for a code of the error table (its status, reason and Retry-After), then close."""
     body = render_json(error_body(code, message, ""))
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n").encode() + extra + b"\r\n" + body
+    status = http_status(code)
+    extra = "".join(f"{k.lower()}: {v}\r\n" for k, v in retry_headers(code).items())
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n").encode() + body
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout_s: float, max_connections: int = 1024) -> type[asyncio.Protocol]:
@@ -83,9 +87,7 @@ class GuardedProtocol(asyncio.Protocol):
         if cls.open_connections >= self.MAX_CONNECTIONS:
             # refused before uvicorn sees it: an idle flood cannot take every file descriptor
             self.inner = None
-            self._refuse(_error(503, "Service Unavailable", "overloaded",
-                                f"this worker holds {cls.open_connections} connections, its limit",
-                                b"retry-after: 1\r\n"))
+            self._refuse(_error("overloaded", f"this worker holds {cls.open_connections} connections, its limit"))
             return
         cls.open_connections += 1
         self._start_timer()
@@ -136,7 +138,7 @@ class GuardedProtocol(asyncio.Protocol):
     def _timed_out(self) -> None:
         self.timer = None
         if self.state == _HEAD:
-            self._refuse(_error(408, "Request Timeout", "request_timeout",
+            self._refuse(_error("request_timeout",
                                 f"the request head did not arrive within {self.HEADER_TIMEOUT_S:g} s"))
 
     def _track(self, data: bytes) -> bool:
@@ -164,7 +166,7 @@ class GuardedProtocol(asyncio.Protocol):
                 end = self.head.find(b"\r\n\r\n", start)
                 if end < 0 or end + 4 > self.MAX_HEADER_BYTES:
                     if end >= 0 or len(self.head) > self.MAX_HEADER_BYTES:
-                        self._refuse(_error(431, "Request Header Fields Too Large", "header_too_large",
+                        self._refuse(_error("header_too_large",
                                             f"the request head exceeds {self.MAX_HEADER_BYTES} bytes"))
                         return False
                     return True
@@ -185,13 +187,13 @@ class GuardedProtocol(asyncio.Protocol):
                 self.line += data[pos:stop]
                 pos = stop
                 if len(self.line) > MAX_CHUNK_LINE:  # a chunk size or trailer line this long is no real client's
-                    self._refuse(_error(400, "Bad Request", "bad_request", "malformed chunked body"))
+                    self._refuse(_error("bad_request", "malformed chunked body"))
                     return False
                 if nl >= 0:
                     if self.state == _TRAILER:
                         self.trailers += len(self.line)
                         if self.trailers > self.MAX_HEADER_BYTES:
-                            self._refuse(_error(431, "Request Header Fields Too Large", "header_too_large",
+                            self._refuse(_error("header_too_large",
                                                 f"the request's trailers exceed {self.MAX_HEADER_BYTES} bytes"))
                             return False
                     if not self._line_done(bytes(self.line).strip()):
@@ -229,7 +231,7 @@ class GuardedProtocol(asyncio.Protocol):
             return True
         token = line.split(b";")[0].strip()
         if not _HEX.fullmatch(token) or len(token.lstrip(b"0")) > MAX_CHUNK_DIGITS:
-            self._refuse(_error(400, "Bad Request", "bad_request", "malformed chunked body"))  # fail closed
+            self._refuse(_error("bad_request", "malformed chunked body"))  # fail closed
             return False
         size = int(token, 16)
         if size == 0:

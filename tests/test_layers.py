@@ -44,6 +44,12 @@ def test_no_package_imports_a_layer_it_must_not(package: str) -> None:
     assert not bad, f"layer violations: {bad}"
 
 
+def test_the_error_table_is_free_of_every_protocol() -> None:
+    # domain code raises codes from service/codes.py; only the edges know HTTP or gRPC
+    hits = imported_modules(ROOT / "service" / "codes.py", "service")
+    assert not hits & {"fastapi", "starlette", "uvicorn", "grpc", "service", "http"}, hits
+
+
 def test_the_core_imports_without_torch_or_the_web_stack() -> None:
     code = ("import sys, classifier_core.images, classifier_core.text, classifier_core.artifact\n"
             "heavy = sorted(m for m in ('torch', 'fastapi', 'starlette', 'uvicorn', 'onnxruntime', 'service', 'model_training')"

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 
 from .. import __version__
-from ..errors import BadRequest, ServiceError, grpc_status_name
+from ..codes import BadRequest, NotFound, NotReady, Overloaded, ServiceError, Timeout, Unauthorized, grpc_status
 from ..metrics import Metrics
 from ..pipeline import Pipeline, RowError
 from ..predictor import Prediction
@@ -109,8 +109,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         size = request.ByteSize()
         budget = self.settings.max_inflight_body_bytes
         if self.inflight_bytes + size > budget:
-            raise ServiceError(f"requests in progress hold {self.inflight_bytes} bytes; {size} more would pass the "
-                               f"limit of {budget}", code="overloaded", status=503)
+            raise Overloaded(f"requests in progress hold {self.inflight_bytes} bytes; {size} more would pass the "
+                             f"limit of {budget}")
         self.inflight_bytes += size
         try:
             rows = to_rows(self._tensors(request))
@@ -125,8 +125,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 async with asyncio.timeout(remaining):
                     answers = await p.run(rows)
             except TimeoutError:
-                raise ServiceError(f"the call's deadline ({remaining:.3f} s) passed before the answer", code="timeout",
-                                   status=504) from None
+                raise Timeout(f"the call's deadline ({remaining:.3f} s) passed before the answer") from None
         finally:
             self.inflight_bytes -= size
         for i, a in enumerate(answers):
@@ -167,10 +166,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _check_model(self, name: str, version: str) -> None:
         m = self.pipeline.predictor.manifest
         if m is None:
-            raise ServiceError("the model is not loaded yet", code="not_ready", status=503)
+            raise NotReady("the model is not loaded yet")
         if name != m.name or (version and version != m.version):
-            raise ServiceError(f"unknown model '{name[:200]}'" + (f" version '{version[:200]}'" if version else ""),
-                               code="not_found", status=404)
+            raise NotFound(f"unknown model '{name[:200]}'" + (f" version '{version[:200]}'" if version else ""))
 
     @staticmethod
     async def _now(value: T) -> T:
@@ -190,11 +188,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         start, code = time.perf_counter(), "OK"
         try:
             if self._key_digest is not None and method not in OPEN_METHODS and not self._key_ok(context):
-                raise ServiceError("missing or invalid API key (metadata authorization: Bearer <key> or x-api-key)",
-                                   code="unauthorized", status=401)
+                raise Unauthorized("missing or invalid API key (metadata authorization: Bearer <key> or x-api-key)")
             return await work()
         except ServiceError as exc:
-            code = grpc_status_name(exc.code, exc.status)
+            code = grpc_status(exc.code)
             context.set_trailing_metadata((("error-code", exc.code),))
             await context.abort(getattr(grpc.StatusCode, code), exc.message)
             raise  # abort raises; never reached

@@ -7,11 +7,11 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import PipelineDep, SettingsDep
-from ..errors import error_body
+from ..errors import error_response
 from ..schemas import Health, ModelInfo, Readiness, error_responses
 
 router = APIRouter(tags=["health"])
@@ -27,15 +27,12 @@ async def healthz() -> Any:
 async def readyz(request: Request, pipeline: PipelineDep) -> Any:
     predictor = pipeline.predictor
     if pipeline.draining:
-        body = error_body("not_ready", "the service is shutting down", request.state.request_id)
-        body["status"] = "shutting_down"
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        return error_response(request, "not_ready", "the service is shutting down", {"status": "shutting_down"})
     if predictor.ready:
         return {"status": "ready", "model": predictor.manifest.name if predictor.manifest else None,
                 "provider": predictor.providers[0] if predictor.providers else None}
-    body = error_body("not_ready", f"the model is not ready (state: {predictor.state})", request.state.request_id)
-    body["status"] = predictor.state
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    return error_response(request, "not_ready", f"the model is not ready (state: {predictor.state})",
+                          {"status": predictor.state})
 
 
 @router.get("/model", response_model=ModelInfo, summary="The loaded model, its providers and the service limits",

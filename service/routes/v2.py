@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from .. import __version__
 from ..deps import PipelineDep
-from ..errors import BadRequest, ServiceError, describe_validation_errors, truncate
+from ..errors import BadRequest, NotFound, NotReady, describe_validation_errors, http_status, truncate
 from ..pipeline import Pipeline, Row, RowError
 from ..predictor import Prediction
 from .jsonscan import json_values_bound, max_json_values
@@ -230,10 +230,9 @@ def to_rows(tensors: dict[str, tuple[list[Any], bool]]) -> list[Row]:
 def _check_model(pipeline: Pipeline, name: str, version: str | None) -> None:
     m = pipeline.predictor.manifest
     if m is None:
-        raise ServiceError("the model is not loaded yet", code="not_ready", headers={"Retry-After": "5"}, status=503)
+        raise NotReady("the model is not loaded yet")
     if name != m.name or (version is not None and version != m.version):
-        raise ServiceError(f"unknown model '{truncate(name)}'" + (f" version '{truncate(version)}'" if version else ""),
-                           code="not_found", status=404)
+        raise NotFound(f"unknown model '{truncate(name)}'" + (f" version '{truncate(version)}'" if version else ""))
 
 
 OUTPUT_NAMES = ("label", "probabilities", "text_attention", "abstained", "ood_score")
@@ -336,7 +335,7 @@ async def live() -> Any:
 
 @router.get("/health/ready", summary="Server readiness", responses=_errors(503))
 async def ready(pipeline: PipelineDep) -> Any:
-    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
 
 
 async def model_metadata(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
@@ -360,7 +359,7 @@ async def model_metadata(pipeline: PipelineDep, name: str, version: str | None =
 
 async def model_ready(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
     _check_model(pipeline, name, version)
-    return JSONResponse({"name": name, "ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+    return JSONResponse({"name": name, "ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
 
 
 async def infer(request: Request, pipeline: PipelineDep, name: str, version: str | None = None) -> Any:

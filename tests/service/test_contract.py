@@ -144,3 +144,20 @@ def test_openapi_shows_the_catalogue_and_the_v2_error_shape(client: TestClient) 
     assert v2["$ref"].endswith("/V2ErrorBody")
     assert set(spec["components"]["schemas"]["V2ErrorBody"]["properties"]) == {"error", "code"}
     assert "HTTPValidationError" not in str(spec["paths"]["/v2/models/{name}/infer"])
+
+
+def test_every_code_is_documented_and_no_edge_writes_a_status_by_hand() -> None:
+    import re
+
+    from helpers import ROOT
+
+    from service.codes import TABLE
+
+    doc = (ROOT / "docs" / "api.md").read_text()
+    assert not [c for c in TABLE if f"`{c}`" not in doc], "codes missing from docs/api.md"
+    # statuses and Retry-After come from the table: no literal status or Retry-After value in the service's code
+    literal = re.compile(r"status(_code)?\s*=\s*[3-5][0-9]{2}\b|\"status\":\s*[3-5][0-9]{2}|[Rr]etry-[Aa]fter[\"']?\s*[:,]\s*b?[\"'][0-9]")
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "service").rglob("*.py")) if p.name != "codes.py"
+            and "inference_pb2" not in p.name for n, line in enumerate(p.read_text().splitlines(), 1)
+            if literal.search(line) and not line.lstrip().startswith("#")]
+    assert not hits, hits
