@@ -1,6 +1,6 @@
 """gRPC beside REST on the same server, images, rows and concurrency (a benchmark, not a test).
 
-    python -m benchmarks.grpc_vs_rest --out bench/grpc_vs_rest_cpu.json
+    python -m benchmarks.grpc_vs_rest --out benchmarks/results/grpc_vs_rest_cpu.json
 
 Starts ``python -m service`` (default workers, ``CLASSIFIER_GRPC_PORT`` on) on the committed
 default model, then runs, in turns (``--rounds`` times each, interleaved so drift hits both

@@ -1,6 +1,6 @@
 """INT8 or not: onnxruntime static quantization of an artifact, its accuracy and speed beside the float model's.
 
-    python -m benchmarks.int8_check exported_models/mine --data my_pairs.csv --out bench/int8.json
+    python -m benchmarks.int8_check exported_models/mine --data my_pairs.csv --out benchmarks/results/int8.json
 
 Static quantization (QDQ, per-channel weights) of the convolutions and matrix products only (the
 LSTM and the OOD head stay float), calibrated on the artifact's own validation split (up to 256 rows,

@@ -1,7 +1,7 @@
 """Out-of-label photos against an artifact: how many the abstention flags, beside the test split it should not flag.
 
     pip install scikit-image            # its data folder ships the photographs (no download)
-    python -m benchmarks.ood_check exported_models/default --out bench/ood_default.json
+    python -m benchmarks.ood_check exported_models/default --out benchmarks/results/ood_default.json
 
 Every photograph that ships in scikit-image (and matplotlib's Grace Hopper) is sent through the
 service's own predictor (the artifact's temperature and OOD score, CPU), once with an empty

@@ -1,8 +1,8 @@
 """Training-data benchmark (not a test): the streaming pipeline's throughput, memory and start-up.
 
-    python -m benchmarks.train_data --sizes 10000,100000 --out bench/train_data_cpu.json
+    python -m benchmarks.train_data --sizes 10000,100000 --out benchmarks/results/train_data_cpu.json
     python -m benchmarks.train_data --sizes 6000,24000 --shapes duplicated,small --mode image \
-        --out bench/train_data_shapes_cpu.json
+        --out benchmarks/results/train_data_shapes_cpu.json
 
 1. Generates COYO-sized samples (512x384 JPEGs of about 80 KB, a caption, a label) as
    img2dataset-style shards in a temporary folder (deleted afterwards, never committed).

@@ -1,7 +1,7 @@
 """Real-image check (not a test): photographs that ship inside packages, split by source photo.
 
     pip install scikit-image            # 0.26: its data folder ships the photographs (no download)
-    python scripts/real_image_check.py --out bench/real_images.json
+    python scripts/real_image_check.py --out benchmarks/results/real_images.json
 
 Two datasets, written as CSV manifests into a temporary folder:
 

@@ -100,7 +100,7 @@ def resolve_workers(settings: Settings) -> tuple[int, int]:
 
     The request path (HTTP parsing, decoding) is Python and bound to one core per process,
     so more processes beat more onnxruntime threads, on a GPU machine too: measured with
-    service.bench at concurrency 32-64, 2 CPU cores: 694 -> 756-969 requests/s; an H200
+    benchmarks/bench.py at concurrency 32-64, 2 CPU cores: 694 -> 756-969 requests/s; an H200
     host with 16 cores on CUDA: 1 worker 460, 4 workers 577, 16 workers 1,263 requests/s.
     Each GPU worker holds its own CUDA context (device memory); set CLASSIFIER_WORKERS to cap.
     """

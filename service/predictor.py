@@ -120,7 +120,7 @@ class Predictor:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # onnxruntime's workers spin after each op by default; on a small CPU that spinning
-        # takes the cores the image decoders need (measured in service.bench)
+        # takes the cores the image decoders need (measured with benchmarks/bench.py)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.settings.ort_spinning else "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return so

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_batch_body_bytes: int = 32 * 1024 * 1024  # whole JSON body of /classify/batch
     max_batch_size: int = 32  # rows per onnxruntime call (dynamic batching); larger batches are split
     # 0 = greedy: a batch starts as soon as the engine is free and takes whatever queued meanwhile;
-    # under load batches fill by themselves, and a lone request never waits (service.bench)
+    # under load batches fill by themselves, and a lone request never waits (benchmarks/bench.py)
     max_batch_delay_ms: float = 0.0
     max_queue: int = 256  # rows waiting for inference; beyond it requests get 503 + Retry-After
     request_timeout_ms: float = 10_000  # a row that waited longer in the queue gets 504
