@@ -27,6 +27,26 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "exported_models" / "default"
 
 
+def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
+    """A Pillow image encoded as ``fmt`` (PNG, JPEG, WEBP...)."""
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@contextmanager
+def app_client(model_dir: Path, raise_server_exceptions: bool = True, **settings: Any) -> Iterator[Any]:
+    """The app in this process (FastAPI's TestClient, lifespan included) on the CPU provider."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_dir=model_dir, provider="cpu", **settings))
+    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as c:
+        yield c
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -22,10 +23,6 @@ from classifier_core.text import EMPTY_TOKEN, TextEncoder, train_tokenizer
 S = 32
 
 
-def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def test_rgb_jpeg_shape_and_dtype() -> None:

@@ -8,12 +8,13 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
-from helpers import DEFAULT_MODEL, best_guess, calibrated, jpeg_bytes, png_bytes, synthetic_samples
+from helpers import DEFAULT_MODEL, app_client, best_guess, calibrated, jpeg_bytes, png_bytes, synthetic_samples
 from PIL import Image
 
 from classifier_core.images import load_image
@@ -22,8 +23,8 @@ from service.app import create_app
 from service.settings import Settings
 
 
-def make_client(model_dir: Path, **kw: object) -> TestClient:
-    return TestClient(create_app(Settings(model_dir=model_dir, provider="cpu", **kw)))  # type: ignore[arg-type]
+def make_client(model_dir: Path, **kw: object) -> Any:
+    return app_client(model_dir, **kw)
 
 
 @pytest.fixture(scope="module")

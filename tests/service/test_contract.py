@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import jpeg_bytes
+from helpers import app_client, encode, jpeg_bytes
 from PIL import Image
 
 from service.app import create_app
@@ -32,14 +31,10 @@ ELSEWHERE = {
 }
 
 
-def _encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _many_scans() -> bytes:
-    data = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG",
+    data = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG",
                    progressive=True)
     scan = data[data.rfind(b"\xff\xda"):-2]
     return data[:-2] + scan * 300 + b"\xff\xd9"
@@ -52,7 +47,7 @@ def shape(message: str) -> str:
 
 @pytest.fixture(scope="module")
 def client(tiny_artifact: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu")), raise_server_exceptions=False) as c:  # type: ignore[call-arg]
+    with app_client(tiny_artifact, raise_server_exceptions=False) as c:
         yield c
 
 
@@ -100,7 +95,7 @@ def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple
 
     return {
         "invalid_image": lambda: post(b"just some text, no image" * 5),
-        "unsupported_image_format": lambda: post(_encode(Image.new("RGB", (8, 8)), "PPM")),
+        "unsupported_image_format": lambda: post(encode(Image.new("RGB", (8, 8)), "PPM")),
         "bad_base64": lambda: batch_item([{"image_base64": "!!!not base64"}]),
         "bad_request": lambda: answer(c.post("/classify", content=b"x", headers={"content-type": "multipart/form-data"})),
         "invalid_json": lambda: answer(c.post("/classify/batch", content=b"[", headers={"content-type": "application/json"})),
@@ -108,7 +103,7 @@ def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple
         "not_found": lambda: answer(c.get("/nope")),
         "method_not_allowed": lambda: answer(c.get("/classify")),
         "payload_too_large": lambda: post(b"\xff" * (10_560_000)),
-        "image_too_large": lambda: post(_encode(Image.new("1", (30000, 30000)), "PNG")),
+        "image_too_large": lambda: post(encode(Image.new("1", (30000, 30000)), "PNG")),
         "unsupported_media_type": lambda: answer(c.post("/classify", json={})),
         "missing_field": lambda: post(files={"description": (None, "a tomato")}),
         "invalid_field": lambda: post(files={"image": (None, "some text")}),

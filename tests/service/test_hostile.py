@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import jpeg_bytes
+from helpers import app_client, encode, jpeg_bytes
 from PIL import Image
 
 from service.app import create_app
@@ -18,14 +18,8 @@ from service.settings import Settings
 
 @pytest.fixture(scope="module")
 def client(tiny_artifact: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu"))) as c:  # type: ignore[call-arg]
+    with app_client(tiny_artifact) as c:
         yield c
-
-
-def _encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _gif_animated() -> bytes:
@@ -39,11 +33,11 @@ def _huge_exif() -> bytes:
     exif = Image.Exif()
     exif[0x010E] = "x" * 60_000  # ImageDescription: a 60 kB EXIF block
     exif[0x0112] = 3
-    return _encode(Image.new("RGB", (64, 48), (200, 10, 10)), "JPEG", exif=exif.tobytes())
+    return encode(Image.new("RGB", (64, 48), (200, 10, 10)), "JPEG", exif=exif.tobytes())
 
 
 def _sixteen_bit_png() -> bytes:
-    return _encode(Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)), "PNG")
+    return encode(Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)), "PNG")
 
 
 CASES: list[tuple[str, bytes, int, str | None]] = [
@@ -53,11 +47,11 @@ CASES: list[tuple[str, bytes, int, str | None]] = [
     ("text file", b"just some text, not an image\n" * 20, 400, "invalid_image"),
     ("pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n", 400, "invalid_image"),
     ("svg", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', 400, "invalid_image"),
-    ("png bomb 30000x30000", _encode(Image.new("1", (30000, 30000)), "PNG"), 413, "image_too_large"),
+    ("png bomb 30000x30000", encode(Image.new("1", (30000, 30000)), "PNG"), 413, "image_too_large"),
     ("animated gif", _gif_animated(), 200, None),
     ("huge exif", _huge_exif(), 200, None),
-    ("1x1", _encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), 200, None),
-    ("20000x5", _encode(Image.new("RGB", (20000, 5), (1, 2, 3)), "PNG"), 422, "image_too_complex"),  # 4000:1
+    ("1x1", encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), 200, None),
+    ("20000x5", encode(Image.new("RGB", (20000, 5), (1, 2, 3)), "PNG"), 422, "image_too_complex"),  # 4000:1
     ("16-bit png", _sixteen_bit_png(), 200, None),
 ]
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import jpeg_bytes, png_bytes
+from helpers import app_client, jpeg_bytes, png_bytes
 from PIL import Image
 
 from service.app import create_app
@@ -48,7 +48,7 @@ BAD_ROWS: list[tuple[str, bytes, bytes, int, str]] = [
 
 @pytest.fixture(scope="module")
 def client(tiny_artifact: Path) -> Any:
-    with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu", **LIMITS))) as c:  # type: ignore[arg-type]
+    with app_client(tiny_artifact, **LIMITS) as c:
         yield c
 
 
