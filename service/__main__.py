@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service: cannot start: {wrong}", file=sys.stderr)  # noqa: T201
         return 2
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
-    workers, threads = resolve_workers(settings)
-    settings = settings.model_copy(update={"workers": workers, "intra_op_threads": threads})
+    settings = settings.resolved()  # cores, workers, threads: worked out once, here
+    workers, threads = settings.workers, settings.intra_op_threads
     owner = resolve_topology(settings) == "owner"
     # check the model before binding the port: a broken artifact ends start-up with one line.
     # With several workers the check runs in a child process, so the supervisor itself never
@@ -92,22 +92,6 @@ def resolve_topology(settings: Settings) -> str:
     from .predictor import gpu_present
 
     return "owner" if gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers() else "workers"
-
-
-def resolve_workers(settings: Settings) -> tuple[int, int]:
-    """Worker processes and onnxruntime threads per worker: by default one worker per core,
-    one onnxruntime thread each.
-
-    The request path (HTTP parsing, decoding) is Python and bound to one core per process,
-    so more processes beat more onnxruntime threads, on a GPU machine too: measured with
-    benchmarks/bench.py at concurrency 32-64, 2 CPU cores: 694 -> 756-969 requests/s; an H200
-    host with 16 cores on CUDA: 1 worker 460, 4 workers 577, 16 workers 1,263 requests/s.
-    Each GPU worker holds its own CUDA context (device memory); set CLASSIFIER_WORKERS to cap.
-    """
-    cores = os.cpu_count() or 1
-    workers = settings.workers or cores
-    threads = settings.intra_op_threads or max(1, cores // workers)
-    return workers, threads
 
 
 if __name__ == "__main__":

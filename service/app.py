@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, predictor: Engine | None = None
 
     A worker of the owner topology (``settings.owner_address`` set) gets a ``RemotePredictor``.
     """
-    settings = settings or Settings()
+    settings = (settings or Settings()).resolved(processes=1)  # resolved already under python -m service
     metrics = Metrics()
     if predictor is None:
         if settings.owner_address:

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,14 +118,12 @@ class Pipeline:
         self.predictor = predictor
         self.metrics = metrics
         self.draining = False  # set on SIGTERM: readiness answers 503 from then on
-        cores = os.cpu_count() or 1
-        self.decode_threads = settings.decode_threads or cores
+        settings = settings.resolved(processes=1)  # resolved already under python -m service
+        self.settings = settings
+        self.decode_threads = settings.decode_threads
         # a plain executor: cheaper per row than anyio's thread hop, and its size bounds the decodes
         self.decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        inline = settings.inline_decode_bytes
-        if inline < 0:  # auto: see Settings.inline_decode_bytes
-            inline = 128 * 1024 if cores <= (settings.workers or cores) else 0
-        self.inline_decode_bytes = inline
+        self.inline_decode_bytes = settings.inline_decode_bytes
         self.admission = Admission(settings.max_queue)
         self.overrunning = 0  # decode threads past their time budget, still running
         self._overrun_lock = threading.Lock()

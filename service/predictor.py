@@ -6,7 +6,6 @@ Nothing here touches the event loop; the app calls ``predict`` from worker threa
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -116,7 +115,7 @@ class Predictor:
     def _session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = self.settings.intra_op_threads or (os.cpu_count() or 1)
+        so.intra_op_num_threads = self.settings.resolved(processes=1).intra_op_threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # onnxruntime's workers spin after each op by default; on a small CPU that spinning

@@ -189,9 +189,9 @@ class Supervisor:
         self._owner_backoff = 0.0
         if owner:
             address = str(Path(tempfile.mkdtemp(prefix="classifier-owner-")) / "owner.sock")
-            cores = os.cpu_count() or 1
+            settings = settings.resolved()
             self.owner_settings = settings.model_copy(update={
-                "max_batch_size": settings.owner_max_batch, "intra_op_threads": settings.owner_threads or cores})
+                "max_batch_size": settings.owner_max_batch, "intra_op_threads": settings.owner_threads})
             self.settings = settings = settings.model_copy(update={"owner_address": address})
         self.listen = listen
         self.target = workers
