@@ -33,9 +33,15 @@ async def _connection(host: str, port: int, requests: list[bytes], counter: list
             i = counter[0]
             counter[0] += 1
             t0 = time.perf_counter()
-            writer.write(requests[i % len(requests)])
-            await writer.drain()
-            status_line = await reader.readline()
+            try:
+                writer.write(requests[i % len(requests)])
+                await writer.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before the body was read (413, 503 + close): the answer may be waiting to be read
+            try:
+                status_line = await reader.readline()
+            except ConnectionResetError:
+                status_line = b""
             if not status_line:
                 statuses[-1] = statuses.get(-1, 0) + 1  # connection closed by the server
                 reader, writer = await asyncio.open_connection(host, port)

@@ -92,6 +92,8 @@ class RemotePredictor:
     """
 
     HANDSHAKE_TIMEOUT_S = 5.0
+    CONNECT_WAIT_S = 5.0  # at start, for the first connection
+    RESEND_WAIT_S = 1.0  # after the owner closed under a request: how long a resend may wait for the next owner
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -138,14 +140,18 @@ class RemotePredictor:
     def load(self) -> None:
         """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker).
 
-        The worker starts even while the owner is (re)starting: it is not ready until connected.
+        The worker starts even while the owner is (re)starting: it is not ready until connected. It
+        waits for a first connection a few seconds (``CONNECT_WAIT_S``), so that a worker that starts
+        listening (a SIGHUP replacement, say) is normally connected and ready by then.
         """
         model_dir = Path(self.settings.model_dir)
         self.manifest = load_manifest(model_dir)
         self.text = TextEncoder.from_file(model_dir / self.manifest.tokenizer_file, self.manifest.max_len)
         self.digest = manifest_digest(model_dir)
         self._loaded = True
-        self._connect()
+        deadline = time.monotonic() + self.CONNECT_WAIT_S
+        while not self._connect() and time.monotonic() < deadline:
+            time.sleep(0.1)
         threading.Thread(target=self._reconnect_loop, daemon=True, name="owner-reconnect").start()
 
     def _reconnect_loop(self) -> None:
@@ -242,6 +248,9 @@ class RemotePredictor:
         try:
             reply = self._exchange(images, ids)
         except _ConnectionLost:  # the owner stopped under this request (a SIGHUP switch): once more, on a fresh one
+            deadline = time.monotonic() + self.RESEND_WAIT_S
+            while not self._connect() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the successor may be a moment from accepting
             try:
                 reply = self._exchange(images, ids)
             except _ConnectionLost:

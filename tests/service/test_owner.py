@@ -196,7 +196,9 @@ def test_sighup_restarts_the_owner_without_failing_a_request(tmp_path: Path) -> 
         for t in clients:
             t.join(30)
         assert owner_pid(log) != pid and not Path(f"/proc/{pid}").exists(), "the owner was not replaced"
-        assert len(statuses) > 50 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+        assert len(statuses) > 50 and set(statuses) == {200}, ({s: statuses.count(s) for s in set(statuses)},
+                                                             [line for line in log.read_text().splitlines()
+                                                              if "503" in line or "owner" in line][-20:])
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a private tmpfs on /dev/shm")
