@@ -127,7 +127,9 @@ def _to_rgb(im: Image.Image, size: int) -> Image.Image:
         rgba = small.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if im.mode in ("RGB", "L"):
+    if im.mode == "RGB":  # the common case: no conversion copy (convert() copies even RGB -> RGB)
+        return _resized(im, size)
+    if im.mode == "L":
         return _resized(im, size).convert("RGB")
     return _resized(im.convert("RGB"), size)
 

@@ -114,12 +114,11 @@ class Pipeline:
     """Validate -> admit -> decode + tokenize -> batch -> answer, for rows from any protocol."""
 
     def __init__(self, settings: Settings, predictor: Engine, metrics: Metrics) -> None:
+        settings = settings.resolved(processes=1)  # resolved already under python -m service
         self.settings = settings
         self.predictor = predictor
         self.metrics = metrics
         self.draining = False  # set on SIGTERM: readiness answers 503 from then on
-        settings = settings.resolved(processes=1)  # resolved already under python -m service
-        self.settings = settings
         self.decode_threads = settings.decode_threads
         # a plain executor: cheaper per row than anyio's thread hop, and its size bounds the decodes
         self.decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
