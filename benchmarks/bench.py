@@ -99,7 +99,7 @@ def in_process(model_dir: Path, jpegs: list[bytes], batch: int, threads: int) ->
     m = load_manifest(model_dir)
     text = TextEncoder.from_file(model_dir / m.tokenizer_file, m.max_len)
     # the service's own session options (threads, no spinning, full graph optimisation)
-    from service.predictor import Predictor
+    from service.serving.session import Predictor
     from service.settings import Settings
 
     so = Predictor(Settings(model_dir=model_dir, provider="cpu"))._session_options()  # type: ignore[call-arg]

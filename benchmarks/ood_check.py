@@ -38,7 +38,7 @@ def photographs() -> dict[str, bytes]:
 
 def check(model_dir: Path, min_confidence: float = 0.0) -> dict[str, Any]:
     from classifier_core.images import load_image
-    from service.predictor import Predictor
+    from service.serving.session import Predictor
     from service.settings import Settings
 
     predictor = Predictor(Settings(model_dir=model_dir, provider="cpu", workers=1))

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .logs import log_config
-from .predictor import Predictor
+from .serving.session import Predictor
 from .settings import Settings
 
 
@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--model-dir", default=None, help="artifact folder (overrides CLASSIFIER_MODEL_DIR)")
+    p.add_argument("--model-repository", default=None, help="model repository: DIR/NAME/VERSION/ artifacts "
+                   "(overrides CLASSIFIER_MODEL_REPOSITORY and --model-dir)")
+    p.add_argument("--poll-repository", type=float, default=None, metavar="SECONDS",
+                   help="scan the repository for new and removed versions this often (CLASSIFIER_POLL_REPOSITORY_S)")
+    p.add_argument("--default-model", default=None, help="the model that answers requests naming none (CLASSIFIER_DEFAULT_MODEL)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (overrides CLASSIFIER_WORKERS; 0 = one per core)")
     args = p.parse_args(argv)
     # settings are built once, here, and passed to every worker: never written back to the environment
@@ -33,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides["model_dir"] = Path(args.model_dir)
     if args.workers is not None:
         overrides["workers"] = args.workers
+    if args.model_repository:
+        overrides["model_repository"] = Path(args.model_repository)
+    if args.poll_repository is not None:
+        overrides["poll_repository_s"] = args.poll_repository
+    if args.default_model:
+        overrides["default_model"] = args.default_model
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:  # a mistyped setting: one line naming the variable, exit 2
@@ -50,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     # holds a model session (on a GPU: never a CUDA context and its memory)
     from .server import check_in_child, load_problem
 
-    predictor = Predictor(settings) if workers == 1 and not owner else None
-    problem = load_problem(predictor) if predictor is not None else check_in_child(settings)
+    problem, predictor = None, None
+    if settings.model_repository is not None:
+        # a repository: a broken version is reported and skipped, never a reason not to start
+        if not Path(settings.model_repository).is_dir():
+            problem = f"{settings.model_repository}: not a folder (CLASSIFIER_MODEL_REPOSITORY)"
+    else:
+        predictor = Predictor(settings) if workers == 1 and not owner else None
+        problem = load_problem(predictor) if predictor is not None else check_in_child(settings)
     if problem:
         print(f"service: cannot start: {problem}", file=sys.stderr)  # noqa: T201
         return 2
@@ -60,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     listen = Listen(args.host, args.port)
     try:
-        if predictor is not None:
+        if workers == 1 and not owner:
             sock = listen.bind()
-            return serve_socket(settings, sock, predictor=predictor)
+            return serve_socket(settings, sock, {predictor.model_dir: predictor} if predictor is not None else None)
         made = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # prometheus_client's own variable, read by each worker at import: one metrics view over all
@@ -89,7 +106,7 @@ def resolve_topology(settings: Settings) -> str:
         return "workers"
     import onnxruntime as ort
 
-    from .predictor import gpu_present
+    from .serving.session import gpu_present
 
     return "owner" if gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers() else "workers"
 

@@ -1,14 +1,17 @@
 """``create_app(settings)``: wires the pipeline, the middleware and the routers; nothing else.
 
-The request path is ``routes/*`` (one adapter per protocol) -> ``pipeline.Pipeline``
-(validate, admit, decode, tokenize) -> ``batcher.Batcher`` -> ``predictor.Predictor``
-(onnxruntime). The model loads in the lifespan, before the first request is served.
+The request path is ``routes/*`` (one codec per protocol, ``routes/handler.py`` for what they
+share) -> ``pipeline.Pipeline`` (resolve the model, validate, admit, decode, tokenize) -> that
+model version's ``batcher.Batcher`` -> its backend (``serving/``: an onnxruntime session here,
+or the owner process's). The repository's models load in the lifespan, before the first
+request is served.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,27 +22,20 @@ from .lifecycle import install_drain_on_sigterm
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware, rows_body_limit
 from .pipeline import Pipeline
-from .predictor import Engine, Predictor
-from .routes import classify, health, pages, v2
+from .routes import classify, health, pages, repository, v2
 from .schemas import BatchRequest
+from .serving.base import Backend, WorkerContext
 from .settings import Settings
 
 
-def create_app(settings: Settings | None = None, predictor: Engine | None = None, load_model: bool = True) -> FastAPI:
-    """Build the app. ``predictor`` may come loaded (``python -m service`` checks the model before binding).
-
-    A worker of the owner topology (``settings.owner_address`` set) gets a ``RemotePredictor``.
-    """
+def create_app(settings: Settings | None = None, context: WorkerContext | None = None,
+               preloaded: dict[Path, Backend] | None = None, load_model: bool = True) -> FastAPI:
+    """Build the app. ``context``: the worker's topology, from the supervisor (default: one process
+    holding its own sessions). ``preloaded``: backends loaded already, by artifact folder
+    (``python -m service`` checks the model before binding)."""
     settings = (settings or Settings()).resolved(processes=1)  # resolved already under python -m service
     metrics = Metrics()
-    if predictor is None:
-        if settings.owner_address:
-            from .owner import RemotePredictor
-
-            predictor = RemotePredictor(settings)
-        else:
-            predictor = Predictor(settings)
-    pipeline = Pipeline(settings, predictor, metrics)
+    pipeline = Pipeline(settings, metrics, context, preloaded)
     tracing.configure(settings.otel_exporter)
 
     @asynccontextmanager
@@ -68,7 +64,7 @@ def create_app(settings: Settings | None = None, predictor: Engine | None = None
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics, pipeline=pipeline)
-    for module in (classify, health, v2, pages):
+    for module in (classify, health, v2, repository, pages):
         app.include_router(module.router)
     pages.mount_static(app)
     app.openapi = lambda: openapi_schema(app, pipeline)  # type: ignore[method-assign]
@@ -84,11 +80,12 @@ def openapi_schema(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(batch.pop("$defs", {}))
         components["BatchRequest"] = batch
-        if pipeline.labels:
+        labels = [len(lo.info.labels) for lo in pipeline.repository.loaded()]
+        if labels:
             for path in ("/classify", "/classify/batch"):
                 for param in schema["paths"][path]["post"].get("parameters", []):
                     if param["name"] == "top_k":
-                        param["schema"]["maximum"] = len(pipeline.labels)
+                        param["schema"]["maximum"] = max(labels)
             app.openapi_schema = schema
         return schema
     return app.openapi_schema

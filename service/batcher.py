@@ -27,7 +27,7 @@ import numpy as np
 from classifier_core.text import EncodedText
 
 from .metrics import Metrics
-from .predictor import EngineUnavailable, Prediction
+from .serving.base import EngineUnavailable, Prediction
 from .tracing import active as tracing_active
 from .tracing import tracer
 

@@ -29,7 +29,10 @@ TABLE: dict[str, Code] = {
     "invalid_json": Code(400, "the request body is not valid JSON"),
     "invalid_description": Code(400, "the description is not valid Unicode text (a lone surrogate)"),
     "unauthorized": Code(401, "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)", "UNAUTHENTICATED"),
+    "forbidden": Code(403, "the repository API changes what the service serves: set CLASSIFIER_API_KEY to use it",
+                      "PERMISSION_DENIED"),
     "not_found": Code(404, "no route GET /nope", "NOT_FOUND"),
+    "model_not_found": Code(404, "unknown model 'nope' (loaded: tiny)", "NOT_FOUND"),
     "method_not_allowed": Code(405, "method GET not allowed on /classify"),
     "request_timeout": Code(408, "the request body did not arrive within 20 s", "DEADLINE_EXCEEDED"),
     "payload_too_large": Code(413, "the request body is 10559489 bytes; the limit is 10559488", "RESOURCE_EXHAUSTED"),
@@ -41,6 +44,8 @@ TABLE: dict[str, Code] = {
     "description_too_long": Code(422, "the description has 5000 characters; the limit is 2000"),
     "image_too_complex": Code(422, "the JPEG has 300 scans; real encoders write at most a few dozen (the limit is 64)"),
     "too_many_items": Code(422, "the batch has 65 rows; the limit is 64"),
+    "model_load_failed": Code(422, "broken/1: broken/1/manifest.json: file not found (is CLASSIFIER_MODEL_DIR an exported "
+                              "model folder?)", "FAILED_PRECONDITION"),
     "validation_error": Code(422, "query.top_k: Input should be greater than or equal to 1"),
     "header_too_large": Code(431, "the request head exceeds 32768 bytes"),
     "client_closed_request": Code(499, "the client closed the connection before its body arrived (logged, never sent)", "CANCELLED"),
@@ -50,6 +55,14 @@ TABLE: dict[str, Code] = {
     "overloaded": Code(503, "256 rows are in progress; the limit is 256", "RESOURCE_EXHAUSTED", retry_after=1),
     "timeout": Code(504, "the request waited 10012 ms in the queue", "DEADLINE_EXCEEDED"),
 }
+
+
+MAX_ECHO = 200  # characters of client input quoted back in an error message
+
+
+def truncate(text: str, limit: int = MAX_ECHO) -> str:
+    """Client input quoted in a message is cut: an error must not echo a megabyte back."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def lookup(code: str) -> Code:
@@ -96,6 +109,12 @@ class Unauthorized(ServiceError):
 
 class NotFound(ServiceError):
     code = "not_found"
+
+
+class ModelNotFound(ServiceError):
+    """An unknown model name or version, on any protocol."""
+
+    code = "model_not_found"
 
 
 class PayloadTooLarge(ServiceError):

@@ -31,6 +31,7 @@ from .codes import (  # noqa: F401 (re-exported: the edges and the adapters impo
     grpc_status,
     http_status,
     retry_after,
+    truncate,
 )
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ def retry_headers(code: str) -> dict[str, str]:
 
 
 V2_PREFIX = "/v2"
-MAX_ECHO = 200  # characters of client input quoted back in an error message
-
-
-def truncate(text: str, limit: int = MAX_ECHO) -> str:
-    """Client input quoted in a message is cut: an error must not echo a megabyte back."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def error_body(code: str, message: str, request_id: str) -> dict[str, Any]:

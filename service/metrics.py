@@ -24,12 +24,13 @@ class Metrics:
         self.request_latency = Histogram("classifier_http_request_duration_seconds", "HTTP request latency",
                                          ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inference_latency = Histogram("classifier_inference_duration_seconds",
-                                           "onnxruntime time per inference call", buckets=LATENCY_BUCKETS,
+                                           "onnxruntime time per inference call, by model and version",
+                                           ["model", "version"], buckets=LATENCY_BUCKETS,
                                            registry=self.registry)
         self.images_decoded = Counter("classifier_images_decoded_total", "images decoded, by outcome",
                                       ["outcome"], registry=self.registry)
-        self.rows = Counter("classifier_rows_total", "rows answered by the pipeline, by outcome (ok or an error code)",
-                            ["outcome"], registry=self.registry)
+        self.rows = Counter("classifier_rows_total", "rows answered by the pipeline, by model, version and outcome (ok or an error code)",
+                            ["model", "version", "outcome"], registry=self.registry)
         self.batch_size = Histogram("classifier_batch_size", "rows per onnxruntime call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.queue_wait = Histogram("classifier_queue_wait_seconds", "time a row waited for its batch",
@@ -43,7 +44,7 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("classifier_queue_depth", "rows waiting for inference", registry=self.registry,
                                  multiprocess_mode="livesum")
-        self.model_info = Gauge("classifier_model_info", "the loaded model (value 1)",
+        self.model_info = Gauge("classifier_model_info", "each model version this service loaded: 1 while loaded, 0 once unloaded",
                                 ["name", "version", "provider"], registry=self.registry, multiprocess_mode="max")
 
         self._cache: tuple[float, bytes] = (-1e9, b"")

@@ -289,8 +289,11 @@ class RequestContextMiddleware:
         log.info("%s %s %s", method, template, ex.status, extra={
             "request_id": ex.request_id, "method": method, "route": template, "status": ex.status,
             "latency_ms": round(elapsed * 1000, 2), "rows": state.get("rows"), "batch_size": state.get("batch_size"),
-            "provider": self._provider()})
+            # the version that answered (set by the pipeline: a loaded model's, never a client-chosen name)
+            "model": state.get("model"), "model_version": state.get("model_version"), "provider": self._provider()})
 
     def _provider(self) -> str | None:
-        providers = self.pipeline.predictor.providers if self.pipeline is not None else []
-        return providers[0] if providers else None
+        if self.pipeline is None:
+            return None
+        loaded = next(self.pipeline.repository.loaded(), None)
+        return loaded.info.provider if loaded is not None else None

@@ -2,12 +2,13 @@
 
 ::
 
-    adapter (/classify, /classify/batch, /v2)      wire format -> list[Row]
-      -> Pipeline.run                              ready? row count within limits?
+    adapter (/classify, /classify/batch, /v2, gRPC) wire format -> list[Row]
+      -> repository.resolve                        which model version (404 / 503 before any read)
+      -> Pipeline.run                              row count within limits?
            -> admission                            one budget, counted in rows, for every route
            -> per row: validate                    size, description text and length
            -> prepare (decode + tokenize)          a decode thread, or inline for small JPEGs
-           -> Batcher                              dynamic batches, one onnxruntime call each
+           -> that version's Batcher               dynamic batches, one backend call each
       <- list[Prediction | RowError]               a typed error fails only its own row
     adapter renders the answers in its wire shape
 
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,9 +39,10 @@ from classifier_core.images import ImageError, is_progressive_jpeg, load_image
 from classifier_core.text import EncodedText
 
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
-from .codes import InvalidField, NotReady, Overloaded, ServiceError, http_status
+from .codes import InvalidField, Overloaded, ServiceError, http_status
 from .metrics import Metrics
-from .predictor import Engine, Prediction
+from .serving.base import Backend, ModelInfo, Prediction, WorkerContext
+from .serving.repository import Candidate, Loaded, Repository
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,13 +114,19 @@ class Admission:
 
 
 class Pipeline:
-    """Validate -> admit -> decode + tokenize -> batch -> answer, for rows from any protocol."""
+    """Validate -> admit -> decode + tokenize -> batch -> answer, for rows from any protocol.
 
-    def __init__(self, settings: Settings, predictor: Engine, metrics: Metrics) -> None:
+    ``context``: the worker's topology (the owner's address, the repository's control folder);
+    ``preloaded``: backends already loaded, by artifact folder (``python -m service`` checks the
+    model before it binds the port, and serves that same session)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, context: WorkerContext | None = None,
+                 preloaded: dict[Path, Backend] | None = None) -> None:
         settings = settings.resolved(processes=1)  # resolved already under python -m service
         self.settings = settings
-        self.predictor = predictor
+        self.context = context or WorkerContext()
         self.metrics = metrics
+        self.preloaded = {p.resolve(): b for p, b in (preloaded or {}).items()}
         self.draining = False  # set on SIGTERM: readiness answers 503 from then on
         self.decode_threads = settings.decode_threads
         # a plain executor: cheaper per row than anyio's thread hop, and its size bounds the decodes
@@ -126,45 +135,61 @@ class Pipeline:
         self.admission = Admission(settings.max_queue)
         self.overrunning = 0  # decode threads past their time budget, still running
         self._overrun_lock = threading.Lock()
-        # one onnxruntime call at a time: each already uses intra_op_threads cores
-        self.batcher = Batcher(self._infer, metrics, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
-                               settings.max_queue, settings.request_timeout_ms / 1000)
+        # one backend call at a time in this worker, whichever model: each already uses intra_op_threads cores
+        self.limiter = anyio.CapacityLimiter(1)
+        self.repository = Repository(settings, metrics, self.context, self._backend, self._batcher)
+
+    def _backend(self, c: Candidate) -> Backend:
+        """The engine for one version folder: in this process, or the owner process's (the owner topology)."""
+        if c.directory.resolve() in self.preloaded:
+            return self.preloaded.pop(c.directory.resolve())
+        # a repository serves its folder names; a single --model-dir the manifest's name and version
+        name, version = (c.name, c.version) if self.settings.model_repository is not None else (None, None)
+        if self.context.owner_address:
+            from .serving.owner import RemotePredictor
+
+            return RemotePredictor(self.settings, self.context.owner_address, c.directory, name, version)
+        from .serving.session import Predictor
+
+        return Predictor(self.settings, c.directory, name, version)
+
+    def _batcher(self, backend: Backend, info: ModelInfo) -> Batcher:
+        latency = self.metrics.inference_latency.labels(info.name, info.version)
+
+        def infer(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+            with latency.time():
+                return backend.predict(images, texts)
+
+        s = self.settings
+        return Batcher(infer, self.metrics, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
+                       s.request_timeout_ms / 1000, self.limiter)
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self, load_model: bool = True) -> None:
-        if load_model and not self.predictor.ready:
-            await anyio.to_thread.run_sync(self.predictor.load)
-        m = self.predictor.manifest
-        if self.predictor.ready and m is not None:
-            self.metrics.model_info.labels(m.name, m.version, self.predictor.providers[0]).set(1)
-        await self.batcher.start()
+        if load_model:
+            await self.repository.start()
 
     async def stop(self) -> None:
-        await self.batcher.stop()
+        await self.repository.stop()
         self.decoder.shutdown(wait=False, cancel_futures=True)
-        self.predictor.close()
 
     # --- request-level checks --------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.predictor.ready and not self.draining
+        return self.repository.ready and not self.draining
 
-    def require_ready(self) -> None:
-        if not self.predictor.ready:
-            raise NotReady(f"the model is not ready (state: {self.predictor.state})")
-
-    @property
-    def labels(self) -> list[str]:
-        m = self.predictor.manifest
-        return m.labels if m is not None else []
+    def model(self, name: str | None = None, version: str | None = None) -> Loaded:
+        """The version that serves this request (the default model's default version unless named)."""
+        return self.repository.resolve(name, version)
 
     def min_confidence(self, override: float | None = None) -> float:
         """The request's own abstention threshold, or the service's."""
         return self.settings.min_confidence if override is None else override
 
-    def check_top_k(self, top_k: int) -> None:
-        n = len(self.labels)
-        if n and not 1 <= top_k <= n:
+    @staticmethod
+    def check_top_k(top_k: int, model: ModelInfo) -> None:
+        n = len(model.labels)
+        if not 1 <= top_k <= n:
             raise InvalidField(f"top_k must be between 1 and {n} (the number of labels), got {top_k}", code="validation_error")
 
     def refuse_if_full(self) -> None:
@@ -181,31 +206,33 @@ class Pipeline:
             raise InvalidField(f"{what} has {n} rows; the limit is {self.settings.max_batch_items}", code="too_many_items")
 
     # --- the pipeline ----------------------------------------------------------------
-    async def run(self, rows: Sequence[Row], state: Any = None) -> list[Answer]:
-        """One answer per row, in order. ``state`` (the request's) gets ``rows`` and ``batch_size``
-        for the access log, the same fields whichever protocol called."""
-        self.require_ready()
+    async def run(self, model: Loaded, rows: Sequence[Row], state: Any = None) -> list[Answer]:
+        """One answer per row, in order, from ``model`` (resolved by the adapter, before it read the body).
+        ``state`` (the request's) gets ``rows``, ``batch_size`` and the model for the access log,
+        the same fields whichever protocol called."""
         self.check_row_count(len(rows))
         # the request's time budget: a row still waiting for a decode thread when it runs out gets 504,
         # so a batch of slow images costs at most this much of the decode pool, not a minute of it
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_ms / 1000
-        with self.admission.admit(len(rows)):
+        with self.admission.admit(len(rows)), self.repository.use(model):
             # one row (the common case) skips gather's task per row
-            answers = ([await self._row(rows[0], deadline)] if len(rows) == 1
-                       else list(await asyncio.gather(*(self._row(r, deadline) for r in rows))))
+            answers = ([await self._row(model, rows[0], deadline)] if len(rows) == 1
+                       else list(await asyncio.gather(*(self._row(model, r, deadline) for r in rows))))
+        info = model.info
         for a in answers:
-            self.metrics.rows.labels("ok" if isinstance(a, Prediction) else a.code).inc()
+            self.metrics.rows.labels(info.name, info.version, "ok" if isinstance(a, Prediction) else a.code).inc()
         if state is not None:
+            state.model, state.model_version = info.name, info.version
             state.rows = len(rows)
             sizes = [a.batch_size for a in answers if isinstance(a, Prediction)]
             state.batch_size = max(sizes) if sizes else None
         return answers
 
-    async def _row(self, row: Row, deadline: float) -> Answer:
+    async def _row(self, model: Loaded, row: Row, deadline: float) -> Answer:
         try:
             description = self._validate(row)
-            prepared = await self._prepare(row, description, deadline)
-            return await self._submit(prepared)
+            prepared = await self._prepare(model.info, row, description, deadline)
+            return await self._submit(model.batcher, prepared)
         except _RowFailed as f:
             return f.error
         except Exception as exc:  # a bug must cost one row, never its neighbours or the worker
@@ -238,10 +265,8 @@ class Pipeline:
                              f"the description has {len(text)} characters; the limit is {s.max_description_chars}")
         return text
 
-    def _prepare_sync(self, row: Row, description: str) -> Prepared:
+    def _prepare_sync(self, model: ModelInfo, row: Row, description: str) -> Prepared:
         """Decode and tokenize (in a decode thread, or inline): LitServe's ``decode_request``."""
-        manifest, text = self.predictor.manifest, self.predictor.text
-        assert manifest is not None and text is not None
         data = row.image
         if row.base64:
             try:
@@ -252,22 +277,22 @@ class Pipeline:
                 raise _RowFailed("payload_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
         assert isinstance(data, bytes)
         try:
-            image = load_image(data, manifest.image_size, self.settings.max_image_pixels)
+            image = load_image(data, model.image_size, self.settings.max_image_pixels)
         except ImageError as err:
             self.metrics.images_decoded.labels("error").inc()
             raise _RowFailed(err.code, str(err)) from None
         self.metrics.images_decoded.labels("ok").inc()
         try:
-            encoded = text.encode(description)
+            encoded = model.text.encode(description)
         except Exception as exc:
             raise _RowFailed("invalid_description", f"the description could not be tokenized ({type(exc).__name__})") from None
         return Prepared(image, encoded)
 
-    async def _prepare(self, row: Row, description: str, deadline: float) -> Prepared:
+    async def _prepare(self, model: ModelInfo, row: Row, description: str, deadline: float) -> Prepared:
         image = row.image
         if (not row.base64 and isinstance(image, bytes) and len(image) <= self.inline_decode_bytes
                 and image[:2] == b"\xff\xd8" and not is_progressive_jpeg(image)):
-            return self._prepare_sync(row, description)  # a small baseline JPEG: cheaper than a thread hop
+            return self._prepare_sync(model, row, description)  # a small baseline JPEG: cheaper than a thread hop
         if self.overrunning >= self.decode_threads:
             raise _RowFailed("overloaded", f"{self.overrunning} image decodes are past their time budget and still running")
         # past the budget the row is answered at once; its thread runs on (Pillow cannot be
@@ -300,7 +325,7 @@ class Pipeline:
             # the decode's own budget starts now; the wait for a thread counts against the request's
             loop.call_soon_threadsafe(lambda: timer.append(loop.call_later(budget, expire)))
             try:
-                return self._prepare_sync(row, description)
+                return self._prepare_sync(model, row, description)
             finally:
                 with self._overrun_lock:
                     state["done"] = True
@@ -327,9 +352,10 @@ class Pipeline:
             for t in timer:
                 t.cancel()
 
-    async def _submit(self, prepared: Prepared) -> Prediction:
+    @staticmethod
+    async def _submit(batcher: Batcher, prepared: Prepared) -> Prediction:
         try:
-            return await self.batcher.submit(prepared.image, prepared.text)
+            return await batcher.submit(prepared.image, prepared.text)
         except QueueFull as exc:
             raise _RowFailed("overloaded", str(exc)) from None
         except QueueTimeout as exc:
@@ -338,7 +364,3 @@ class Pipeline:
             raise _RowFailed("not_ready", str(exc)) from None
         except BatchFailed as exc:
             raise _RowFailed("inference_failed", str(exc)) from None
-
-    def _infer(self, images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
-        with self.metrics.inference_latency.time():
-            return self.predictor.predict(images, texts)

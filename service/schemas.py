@@ -115,6 +115,13 @@ class ModelInfo(BaseModel):
     abstention: dict[str, Any] = Field(description="min_confidence (the service's default), whether the "
                                        "out-of-distribution score abstains, and what share of the test split it flagged")
     backbone: dict[str, Any] | None = Field(default=None, description="the pretrained image backbone, if any")
+    memory_bytes: int | None = Field(default=None, description="resident memory its load added to the worker (None: "
+                                     "not measured, e.g. in the owner topology, where the owner holds the session)")
+    load_seconds: float = Field(default=0.0, description="how long its load and warm-up took")
+    default: bool = Field(default=True, description="this is the service's default model (no model was asked for)")
+    models: list[dict[str, Any]] = Field(default_factory=list, description="every loaded model version: name, version, "
+                                         "labels, ready, whether it is its model's default")
+    default_model: str | None = Field(default=None, description="the model that answers requests that name none")
     limits: dict[str, int]
 
 

@@ -46,8 +46,9 @@ from prometheus_client import multiprocess
 from classifier_core.artifact import ArtifactError
 
 from .logs import log_config
-from .predictor import Predictor, ProviderError
 from .protocol import guarded_protocol
+from .serving.base import Backend, ProviderError, WorkerContext
+from .serving.session import Predictor
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -100,8 +101,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve_socket(settings: Settings, sock: socket.socket, predictor: Predictor | None = None,
-                 ready: Connection | None = None) -> int:
+def serve_socket(settings: Settings, sock: socket.socket, preloaded: dict[Path, Backend] | None = None,
+                 ready: Connection | None = None, context: WorkerContext | None = None) -> int:
     """Serve on ``sock`` in this process until shut down; returns the process's exit code.
 
     ``ready`` (a pipe) gets this process's pid once the server listens.
@@ -114,7 +115,7 @@ def serve_socket(settings: Settings, sock: socket.socket, predictor: Predictor |
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda sig, _frame: early.append(sig))
     signal.signal(signal.SIGINT, lambda sig, _frame: early.append(sig))
-    config = uvicorn_config(create_app(settings, predictor=predictor), settings)
+    config = uvicorn_config(create_app(settings, context, preloaded), settings)
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -132,7 +133,8 @@ def serve_socket(settings: Settings, sock: socket.socket, predictor: Predictor |
     return 0 if server.started else STARTUP_FAILURE
 
 
-def _worker_main(settings: Settings, listen: Listen, shared: socket.socket | None, ready: Connection) -> None:
+def _worker_main(settings: Settings, listen: Listen, shared: socket.socket | None, ready: Connection,
+                 context: WorkerContext) -> None:
     """A worker process: its own socket (SO_REUSEPORT) or the shared one, its own app and model."""
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     try:
@@ -140,7 +142,7 @@ def _worker_main(settings: Settings, listen: Listen, shared: socket.socket | Non
     except PortInUse as exc:
         log.error("%s", exc)
         sys.exit(STARTUP_FAILURE)
-    sys.exit(serve_socket(settings, sock, ready=ready))
+    sys.exit(serve_socket(settings, sock, ready=ready, context=context))
 
 
 def load_problem(predictor: Predictor) -> str | None:
@@ -187,12 +189,14 @@ class Supervisor:
         self.owner_settings: Settings | None = None
         self._owner_due: float | None = None  # a dead owner's replacement starts then
         self._owner_backoff = 0.0
+        # the workers' internal context: where they agree on the repository, and the owner's socket
+        self.run_dir = tempfile.mkdtemp(prefix="classifier-run-")
+        self.context = WorkerContext(control_dir=self.run_dir)
         if owner:
-            address = str(Path(tempfile.mkdtemp(prefix="classifier-owner-")) / "owner.sock")
             settings = settings.resolved()
             self.owner_settings = settings.model_copy(update={
                 "max_batch_size": settings.owner_max_batch, "intra_op_threads": settings.owner_threads})
-            self.settings = settings = settings.model_copy(update={"owner_address": address})
+            self.context = WorkerContext(owner_address=str(Path(self.run_dir) / "owner.sock"), control_dir=self.run_dir)
         self.listen = listen
         self.target = workers
         self.ctx = multiprocessing.get_context("spawn")
@@ -207,11 +211,11 @@ class Supervisor:
 
     # --- the model owner -------------------------------------------------------------
     def _spawn_owner(self) -> Worker:
-        from .owner import owner_main
+        from .serving.owner import owner_main
 
-        assert self.owner_settings is not None and self.settings.owner_address is not None
+        assert self.owner_settings is not None and self.context.owner_address is not None
         r, w = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=owner_main, args=(self.owner_settings, self.settings.owner_address, w),
+        process = self.ctx.Process(target=owner_main, args=(self.owner_settings, self.context.owner_address, w),
                                    name="classifier-model-owner", daemon=False)
         process.start()
         w.close()
@@ -229,8 +233,7 @@ class Supervisor:
             log.error("the model owner did not stop: killing it")
             self._signal_all(signal.SIGKILL, [self.owner])
             self.owner.process.join(5)
-        # the owners' sockets, heartbeats and the symlink to the current one
-        shutil.rmtree(Path(str(self.settings.owner_address)).parent, ignore_errors=True)
+        # the owners' sockets and heartbeats, the symlink to the current one: in the run folder, removed in run()
 
     def _reap_owner(self) -> None:
         if self._owner_due is not None and time.monotonic() >= self._owner_due and self.stopping_since is None:
@@ -277,7 +280,7 @@ class Supervisor:
     # --- workers ---------------------------------------------------------------------
     def _spawn(self) -> Worker:
         r, w = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=_worker_main, args=(self.settings, self.listen, self.shared, w),
+        process = self.ctx.Process(target=_worker_main, args=(self.settings, self.listen, self.shared, w, self.context),
                                    name="classifier-worker", daemon=False)
         process.start()
         w.close()
@@ -423,6 +426,7 @@ class Supervisor:
                     wk.process.join(5)
                 self._reap()
         self._stop_owner()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.shared is not None:
             self.shared.close()
         return self.exit_code

@@ -20,7 +20,20 @@ def default_model_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", protected_namespaces=(), extra="ignore")
 
-    model_dir: Path = Field(default_factory=default_model_dir, description="exported artifact folder")
+    model_dir: Path = Field(default_factory=default_model_dir, description=(
+        "exported artifact folder, served alone (a repository of one); ignored when model_repository is set"))
+    model_repository: Path | None = Field(default=None, description=(
+        "a model repository: DIR/NAME/VERSION/ holds an artifact, DIR/NAME/model.json (optional) picks the versions "
+        "served and the default one (docs/operations.md)"))
+    default_model: str | None = Field(default=None, description=(
+        "the model that answers /classify, /classify/batch and gRPC calls that name none; default: the first name "
+        "in alphabetical order"))
+    poll_repository_s: float = Field(default=0.0, ge=0.0, description=(
+        "scan the repository this often (seconds): a new version folder is loaded and takes over once ready, a "
+        "removed one is unloaded; 0 = only at start and through the repository API"))
+    max_loaded_models: int = Field(default=8, ge=1, description=(
+        "model versions loaded at once in a worker; a load past it fails with 422 model_load_failed (a version "
+        "replacing another counts once)"))
     provider: Literal["auto", "cuda", "tensorrt", "cpu"] = Field(default="auto", description='auto: CUDA if really usable, else CPU')
     device_id: int = Field(default=0, description='GPU ordinal for cuda/tensorrt')
     workers: int = Field(default=0, ge=0, description='server processes (python -m service); 0 = one per core')
@@ -31,7 +44,6 @@ class Settings(BaseSettings):
         'owner when a GPU is in use, else workers'))
     owner_max_batch: int = Field(default=128, description='rows per onnxruntime call in the owner (merged from all workers)')
     owner_threads: int = Field(default=0, ge=0, description='onnxruntime threads of the owner; 0 = one per core')
-    owner_address: str | None = Field(default=None, description="set by the supervisor for its workers: the owner's Unix socket")
     intra_op_threads: int = Field(default=0, ge=0, description='onnxruntime threads per inference; 0 = cores / workers')
     ort_spinning: bool = Field(default=False, description="let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)")
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, description='one image file; the request body may add 64 KiB of form overhead')

@@ -168,3 +168,28 @@ def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def make_repository(root: Path, models: dict[str, dict[str, Path]], labels: dict[str, list[str]] | None = None,
+                    policies: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A model repository of real artifacts: ``models`` is name -> version -> artifact folder (copied).
+
+    ``labels``: "name/version" -> label names written into that copy's manifest (the manifest is not
+    in its own checksums), so two copies of one artifact answer with different labels. ``policies``:
+    name -> its ``model.json``.
+    """
+    import shutil
+
+    for name, versions in models.items():
+        for version, artifact in versions.items():
+            dest = root / name / version
+            shutil.copytree(artifact, dest)
+            renamed = (labels or {}).get(f"{name}/{version}")
+            if renamed is not None:
+                manifest = json.loads((dest / "manifest.json").read_text())
+                assert len(renamed) == len(manifest["labels"])
+                manifest["labels"] = renamed
+                (dest / "manifest.json").write_text(json.dumps(manifest))
+        if name in (policies or {}):
+            (root / name / "model.json").write_text(json.dumps((policies or {})[name]))
+    return root

@@ -26,10 +26,9 @@ from typing import Any, TypeVar
 import grpc
 
 from .. import __version__
-from ..codes import BadRequest, NotFound, NotReady, Overloaded, ServiceError, Timeout, Unauthorized, grpc_status
+from ..codes import BadRequest, Overloaded, ServiceError, Timeout, Unauthorized, grpc_status
 from ..metrics import Metrics
 from ..pipeline import Pipeline, RowError
-from ..predictor import Prediction
 from ..routes.v2 import (
     OUTPUT_NAMES,
     PROTOCOL_EXTENSIONS,
@@ -41,6 +40,10 @@ from ..routes.v2 import (
     parameter_min_confidence,
     to_rows,
 )
+from ..routes.v2 import (
+    metadata as v2_metadata,
+)
+from ..serving.base import Prediction
 from ..settings import Settings
 from . import inference_pb2 as pb
 from . import inference_pb2_grpc as pb_grpc
@@ -72,8 +75,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         def ready() -> Awaitable[pb.ModelReadyResponse]:
-            self._check_model(request.name, request.version)
-            return self._now(pb.ModelReadyResponse(ready=self.pipeline.ready))
+            loaded = self.pipeline.repository.find(request.name, request.version or None)
+            return self._now(pb.ModelReadyResponse(ready=loaded.ready and not self.pipeline.draining))
         return await self._call("ModelReady", context, ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
@@ -84,12 +87,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         def metadata() -> Awaitable[pb.ModelMetadataResponse]:
-            self._check_model(request.name, request.version)
-            m = self.pipeline.predictor.manifest
-            assert m is not None
+            info = self.pipeline.repository.find(request.name, request.version or None).info
+            m = info.manifest
             t = pb.ModelMetadataResponse.TensorMetadata
             return self._now(pb.ModelMetadataResponse(
-                name=m.name, versions=[m.version], platform="onnxruntime_onnx",
+                name=info.name, versions=v2_metadata(self.pipeline, info)["versions"], platform="onnxruntime_onnx",
                 inputs=[t(name="image", datatype="BYTES", shape=[-1]), t(name="description", datatype="BYTES", shape=[-1])],
                 outputs=[t(name="label", datatype="BYTES", shape=[-1]),
                          t(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
@@ -103,8 +105,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference -------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         p = self.pipeline
-        self._check_model(request.model_name, request.model_version)
-        p.require_ready()
+        loaded = p.model(request.model_name, request.model_version or None)
         p.refuse_if_full()
         size = request.ByteSize()
         budget = self.settings.max_inflight_body_bytes
@@ -123,7 +124,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             remaining = context.time_remaining()
             try:  # the client's deadline bounds the work: past it the rows are cancelled, not finished
                 async with asyncio.timeout(remaining):
-                    answers = await p.run(rows)
+                    answers = await p.run(loaded, rows)
             except TimeoutError:
                 raise Timeout(f"the call's deadline ({remaining:.3f} s) passed before the answer") from None
         finally:
@@ -132,10 +133,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
                 raise a.exception(f"image[{i}]: ")
         preds = [a for a in answers if isinstance(a, Prediction)]
-        tensors = output_tensors(preds, p, min_confidence)
-        m = p.predictor.manifest
-        assert m is not None
-        response = pb.ModelInferResponse(model_name=m.name, model_version=m.version, id=request.id)
+        info = loaded.info
+        tensors = output_tensors(preds, info, min_confidence, self.settings.ood_abstain)
+        response = pb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
         for name in names:
             datatype, shape, value = tensors[name]
             response.outputs.add(name=name, datatype=datatype, shape=shape)
@@ -163,13 +163,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return tensors
 
     # --- around every call -----------------------------------------------------------
-    def _check_model(self, name: str, version: str) -> None:
-        m = self.pipeline.predictor.manifest
-        if m is None:
-            raise NotReady("the model is not loaded yet")
-        if name != m.name or (version and version != m.version):
-            raise NotFound(f"unknown model '{name[:200]}'" + (f" version '{version[:200]}'" if version else ""))
-
     @staticmethod
     async def _now(value: T) -> T:
         return value

@@ -1,26 +1,30 @@
 """Our own API: ``POST /classify`` (multipart, one image) and ``POST /classify/batch`` (JSON, many).
 
-Both read their wire format into :class:`~service.pipeline.Row`\\ s and render the pipeline's
-answers; limits, admission, decoding and errors are the pipeline's.
+Each is a codec (``FormCodec``, ``BatchCodec``) for the one handler in ``handler.py``: it reads its
+wire format into :class:`~service.pipeline.Row`\\ s and renders the answers; model routing
+(``?model=&version=``), readiness, limits, admission and decoding are the handler's and the pipeline's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..deps import Explain, MinConfidence, PipelineDep, TopK
+from ..deps import Explain, MinConfidence, ModelName, ModelVersion, PipelineDep, TopK
 from ..errors import BadRequest, InvalidField, ServiceError, truncate
-from ..pipeline import Pipeline, Row, RowError
-from ..predictor import Prediction
+from ..pipeline import Answer, Pipeline, Row, RowError
 from ..schemas import BatchRequest, BatchResponse, ClassifyResponse, error_responses
+from ..serving.base import ModelInfo, Prediction
+from .handler import handle
 from .jsonscan import json_values_bound, max_json_values
 
 router = APIRouter(tags=["classify"])
@@ -50,8 +54,9 @@ BATCH_BODY_SCHEMA = {
 }
 
 
-def render(p: Prediction, labels: list[str], model: dict[str, str], top_k: int, explain: bool, request_id: str,
+def render(p: Prediction, model: ModelInfo, top_k: int, explain: bool, request_id: str,
            min_confidence: float = 0.0, use_ood: bool = True) -> dict[str, Any]:
+    labels = model.labels
     order = p.probabilities.argsort(kind="stable")[::-1][:top_k]
     reason = p.abstain_reason(min_confidence, use_ood)
     out: dict[str, Any] = {
@@ -59,7 +64,7 @@ def render(p: Prediction, labels: list[str], model: dict[str, str], top_k: int, 
         "confidence": float(p.probabilities[order[0]]),
         "abstained": reason is not None,
         "predictions": [{"label": labels[int(i)], "score": float(p.probabilities[i])} for i in order],
-        "model": model,
+        "model": {"name": model.name, "version": model.version},
         "request_id": request_id,
     }
     if reason:
@@ -69,12 +74,6 @@ def render(p: Prediction, labels: list[str], model: dict[str, str], top_k: int, 
     if explain:
         out["text_attention"] = [{"token": t, "weight": float(w)} for t, w in zip(p.tokens, p.attention, strict=True)]
     return out
-
-
-def _model_ref(pipeline: Pipeline) -> dict[str, str]:
-    m = pipeline.predictor.manifest
-    assert m is not None
-    return {"name": m.name, "version": m.version}
 
 
 async def read_form_row(request: Request) -> Row:
@@ -111,24 +110,37 @@ async def read_form_row(request: Request) -> Row:
         await form.close()
 
 
+@dataclass
+class FormCodec:
+    """``POST /classify``: one multipart row in, one JSON answer out."""
+
+    pipeline: Pipeline
+    top_k: int
+    explain: bool
+    min_confidence: float | None
+
+    def check(self, model: ModelInfo) -> None:
+        self.pipeline.check_top_k(self.top_k, model)
+
+    async def decode(self, request: Request, body: bytes, model: ModelInfo) -> list[Row]:
+        return [await read_form_row(request)]  # the form is parsed from the body already read
+
+    def encode(self, answers: Sequence[Answer], model: ModelInfo, request: Request) -> Response:
+        [answer] = answers
+        if isinstance(answer, RowError):
+            raise answer.exception()
+        # a ready response skips FastAPI's re-validation of the model; the OpenAPI fuzz test checks
+        # these answers against the declared schema
+        return JSONResponse(render(answer, model, self.top_k, self.explain, request.state.request_id,
+                                   self.pipeline.min_confidence(self.min_confidence), self.pipeline.settings.ood_abstain))
+
+
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_FORM_SCHEMA, response_model_exclude_none=True,
              summary="Classify one image with its description",
-             responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
+             responses=error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504))
 async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
-                   min_confidence: MinConfidence = None) -> Any:
-    pipeline.require_ready()
-    pipeline.check_top_k(top_k)
-    pipeline.refuse_if_full()
-    await request.body()  # waiting for the network holds nothing; the form is parsed from these bytes
-    pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
-    row = await read_form_row(request)
-    [answer] = await pipeline.run([row], request.state)
-    if isinstance(answer, RowError):
-        raise answer.exception()
-    # a ready response skips FastAPI's re-validation of the model; the OpenAPI fuzz test checks
-    # these answers against the declared schema
-    return JSONResponse(render(answer, pipeline.labels, _model_ref(pipeline), top_k, explain, request.state.request_id,
-                               pipeline.min_confidence(min_confidence), pipeline.settings.ood_abstain))
+                   min_confidence: MinConfidence = None, model: ModelName = None, version: ModelVersion = None) -> Any:
+    return await handle(request, pipeline, FormCodec(pipeline, top_k, explain, min_confidence), model, version)
 
 
 def parse_batch(body: bytes) -> BatchRequest:
@@ -143,32 +155,36 @@ def parse_batch(body: bytes) -> BatchRequest:
         raise RequestValidationError(errors) from None
 
 
+@dataclass
+class BatchCodec(FormCodec):
+    """``POST /classify/batch``: JSON items in, one result (or error) per item out."""
+
+    async def decode(self, request: Request, body: bytes, model: ModelInfo) -> list[Row]:
+        s = self.pipeline.settings
+        limit = max_json_values(s.max_batch_items, s.max_description_chars)
+        if (values := json_values_bound(body)) > limit:  # before the parse, which holds the GIL throughout
+            raise InvalidField(f"the batch body holds up to {values} JSON values; {s.max_batch_items} items "
+                               f"need at most {limit}", code="too_many_items")
+        # JSON parsing and validation of a body of many megabytes stay off the event loop
+        payload = await anyio.to_thread.run_sync(parse_batch, body)
+        self.pipeline.check_row_count(len(payload.items), "the batch")
+        return [Row(item.image_base64, item.description, base64=True) for item in payload.items]
+
+    def encode(self, answers: Sequence[Answer], model: ModelInfo, request: Request) -> Response:
+        rid = request.state.request_id
+        threshold, use_ood = self.pipeline.min_confidence(self.min_confidence), self.pipeline.settings.ood_abstain
+        results: list[dict[str, Any]] = []
+        for i, a in enumerate(answers):
+            if isinstance(a, RowError):
+                results.append({"error": {"code": a.code, "message": f"items[{i}]: {a.message}"}})
+            else:
+                results.append(render(a, model, self.top_k, self.explain, f"{rid}-{i}", threshold, use_ood))
+        return JSONResponse({"results": results})
+
+
 @router.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
              summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
-             responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504))
+             responses=error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504))
 async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
-                         min_confidence: MinConfidence = None) -> Any:
-    pipeline.require_ready()
-    pipeline.check_top_k(top_k)
-    pipeline.refuse_if_full()
-    body = await request.body()
-    pipeline.refuse_if_full()
-    s = pipeline.settings
-    limit = max_json_values(s.max_batch_items, s.max_description_chars)
-    if (values := json_values_bound(body)) > limit:  # before the parse, which holds the GIL throughout
-        raise InvalidField(f"the batch body holds up to {values} JSON values; {s.max_batch_items} items "
-                           f"need at most {limit}", code="too_many_items")
-    # JSON parsing and validation of a body of many megabytes stay off the event loop
-    payload = await anyio.to_thread.run_sync(parse_batch, body)
-    pipeline.check_row_count(len(payload.items), "the batch")
-    rows = [Row(item.image_base64, item.description, base64=True) for item in payload.items]
-    answers = await pipeline.run(rows, request.state)
-    rid, labels, model = request.state.request_id, pipeline.labels, _model_ref(pipeline)
-    threshold, use_ood = pipeline.min_confidence(min_confidence), pipeline.settings.ood_abstain
-    results: list[dict[str, Any]] = []
-    for i, a in enumerate(answers):
-        if isinstance(a, RowError):
-            results.append({"error": {"code": a.code, "message": f"items[{i}]: {a.message}"}})
-        else:
-            results.append(render(a, labels, model, top_k, explain, f"{rid}-{i}", threshold, use_ood))
-    return JSONResponse({"results": results})
+                         min_confidence: MinConfidence = None, model: ModelName = None, version: ModelVersion = None) -> Any:
+    return await handle(request, pipeline, BatchCodec(pipeline, top_k, explain, min_confidence), model, version)

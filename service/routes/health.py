@@ -10,9 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import PipelineDep, SettingsDep
+from ..deps import ModelName, ModelVersion, PipelineDep, SettingsDep
 from ..errors import error_response
-from ..schemas import Health, ModelInfo, Readiness, error_responses
+from ..schemas import Health, Readiness, error_responses
+from ..schemas import ModelInfo as ModelInfoBody
+from ..serving.base import ModelInfo
+from ..settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -22,30 +25,28 @@ async def healthz() -> Any:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness, summary="Readiness: the model is loaded and warmed",
+@router.get("/readyz", response_model=Readiness, summary="Readiness: the default model is loaded and warmed",
             responses=error_responses(503))
 async def readyz(request: Request, pipeline: PipelineDep) -> Any:
-    predictor = pipeline.predictor
+    repo = pipeline.repository
     if pipeline.draining:
         return error_response(request, "not_ready", "the service is shutting down", {"status": "shutting_down"})
-    if predictor.ready:
-        return {"status": "ready", "model": predictor.manifest.name if predictor.manifest else None,
-                "provider": predictor.providers[0] if predictor.providers else None}
-    return error_response(request, "not_ready", f"the model is not ready (state: {predictor.state})",
-                          {"status": predictor.state})
+    name = repo.default_name()
+    default = repo.default_version(name) if name and repo.state == "ready" else None
+    if default is not None and default.ready:
+        return {"status": "ready", "model": default.info.name, "provider": default.info.provider or None}
+    state = repo.state if repo.state != "ready" else (default.backend.state if default is not None else "no_model")
+    return error_response(request, "not_ready", f"the model is not ready (state: {state})", {"status": state})
 
 
-@router.get("/model", response_model=ModelInfo, summary="The loaded model, its providers and the service limits",
-            responses=error_responses(401, 503))
-async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
-    pipeline.require_ready()
-    m = pipeline.predictor.manifest
-    assert m is not None
+def describe(info: ModelInfo, settings: Settings) -> dict[str, Any]:
+    """One loaded model version as ``/model`` shows it."""
+    m = info.manifest
     return {
-        "name": m.name, "version": m.version, "mode": m.mode, "labels": m.labels, "image_size": m.image_size,
+        "name": info.name, "version": info.version, "mode": m.mode, "labels": m.labels, "image_size": m.image_size,
         "max_caption_tokens": m.max_len,
         "inputs": [vars(t) for t in m.inputs], "outputs": [vars(t) for t in m.outputs],
-        "providers": pipeline.predictor.providers, "metrics": m.metrics, "trained_on": m.describe_training_data(),
+        "providers": list(info.providers), "metrics": m.metrics, "trained_on": m.describe_training_data(),
         "training_data": {"sources": [Path(str(x)).name if Path(str(x)).is_absolute() else str(x) for x in m.data.get("sources", [])],
                           "n": {k: v for k, v in (m.data.get("n") or {}).items() if k in ("train", "val", "test")}},
         "example_caption": m.example_caption,
@@ -53,10 +54,28 @@ async def model_info(pipeline: PipelineDep, settings: SettingsDep) -> Any:
         "abstention": {"min_confidence": settings.min_confidence, "ood": settings.ood_abstain and m.ood_threshold is not None,
                        "ood_method": m.ood.get("method"), "ood_flagged_test": (m.ood.get("flagged") or {}).get("test")},
         "backbone": {k: m.backbone[k] for k in ("name", "weights_sha256", "licence", "input_size") if k in m.backbone} or None,
+        "memory_bytes": info.memory_bytes, "load_seconds": info.load_seconds,
+    }
+
+
+@router.get("/model", response_model=ModelInfoBody, summary="The default model, every loaded model, and the service limits",
+            responses=error_responses(401, 503))
+async def model_info(pipeline: PipelineDep, settings: SettingsDep, model: ModelName = None, version: ModelVersion = None) -> Any:
+    default = pipeline.model(model, version).info
+    repo = pipeline.repository
+    return {
+        **describe(default, settings),
+        "default": model is None and version is None,
+        "models": [{"name": lo.info.name, "version": lo.info.version, "labels": lo.info.labels, "ready": lo.ready,
+                    "default": repo.default_version(lo.info.name) is lo, "trained_on": lo.info.manifest.describe_training_data(),
+                    "example_caption": lo.info.manifest.example_caption, "memory_bytes": lo.info.memory_bytes}
+                   for lo in sorted(repo.loaded(), key=lambda lo: (lo.info.name, lo.info.version))],
+        "default_model": repo.default_name(),
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
                    "max_description_chars": settings.max_description_chars,
                    "max_batch_items": settings.max_batch_items, "max_batch_body_bytes": settings.max_batch_body_bytes,
-                   "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue},
+                   "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
+                   "max_loaded_models": settings.max_loaded_models},
     }
 
 

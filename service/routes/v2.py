@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import anyio
@@ -36,9 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from .. import __version__
 from ..deps import PipelineDep
-from ..errors import BadRequest, NotFound, NotReady, describe_validation_errors, http_status, truncate
-from ..pipeline import Pipeline, Row, RowError
-from ..predictor import Prediction
+from ..errors import BadRequest, describe_validation_errors, http_status, truncate
+from ..pipeline import Answer, Pipeline, Row, RowError
+from ..serving.base import ModelInfo, Prediction
+from .handler import handle
 from .jsonscan import json_values_bound, max_json_values
 
 log = logging.getLogger(__name__)
@@ -227,14 +229,6 @@ def to_rows(tensors: dict[str, tuple[list[Any], bool]]) -> list[Row]:
     return [Row(img, desc, base64=not images_binary) for img, desc in zip(images, descriptions, strict=True)]
 
 
-def _check_model(pipeline: Pipeline, name: str, version: str | None) -> None:
-    m = pipeline.predictor.manifest
-    if m is None:
-        raise NotReady("the model is not loaded yet")
-    if name != m.name or (version is not None and version != m.version):
-        raise NotFound(f"unknown model '{truncate(name)}'" + (f" version '{truncate(version)}'" if version else ""))
-
-
 OUTPUT_NAMES = ("label", "probabilities", "text_attention", "abstained", "ood_score")
 
 
@@ -269,22 +263,21 @@ def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
     return selection
 
 
-def output_tensors(preds: list[Prediction], pipeline: Pipeline, min_confidence: float) -> dict[str, tuple[str, list[int], Any]]:
+def output_tensors(preds: list[Prediction], model: ModelInfo, min_confidence: float,
+                   ood_abstain: bool) -> dict[str, tuple[str, list[int], Any]]:
     """name -> (datatype, shape, values) of every output, for any transport to encode."""
-    m = pipeline.predictor.manifest
-    assert m is not None
     n = len(preds)
     probs = np.stack([p.probabilities for p in preds]).astype(np.float32)
     width = max(len(p.attention) for p in preds)
     attn = np.zeros((n, width), np.float32)
     for i, p in enumerate(preds):
         attn[i, : len(p.attention)] = p.attention
-    abstained = np.array([p.abstain_reason(min_confidence, pipeline.settings.ood_abstain) is not None for p in preds])
-    labels = ["" if a else m.labels[int(i)] for a, i in zip(abstained, probs.argmax(1))]
+    abstained = np.array([p.abstain_reason(min_confidence, ood_abstain) is not None for p in preds])
+    labels = ["" if a else model.labels[int(i)] for a, i in zip(abstained, probs.argmax(1))]
     ood = np.array([np.nan if p.ood is None else p.ood for p in preds], np.float32)
     return {
         "label": ("BYTES", [n], labels),
-        "probabilities": ("FP32", [n, len(m.labels)], probs),
+        "probabilities": ("FP32", [n, len(model.labels)], probs),
         "text_attention": ("FP32", [n, width], attn),
         "abstained": ("BOOL", [n], abstained),
         "ood_score": ("FP32", [n], ood),
@@ -296,11 +289,9 @@ def encode_binary(datatype: str, value: Any) -> bytes:
     return serialize_bytes([x.encode() for x in value]) if datatype == "BYTES" else np.ascontiguousarray(value).tobytes()
 
 
-def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], pipeline: Pipeline,
-           name: str, min_confidence: float) -> Response:
-    m = pipeline.predictor.manifest
-    assert m is not None
-    tensors = output_tensors(preds, pipeline, min_confidence)
+def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Prediction], model: ModelInfo,
+           min_confidence: float, ood_abstain: bool) -> Response:
+    tensors = output_tensors(preds, model, min_confidence, ood_abstain)
     outputs, blobs = [], []
     for out_name, binary in selection:
         dtype, shape, value = tensors[out_name]
@@ -313,7 +304,7 @@ def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Pre
             # JSON has no NaN: a missing OOD score is null
             entry["data"] = list(value) if dtype == "BYTES" else [None if x != x else x for x in value.reshape(-1).tolist()]
         outputs.append(entry)
-    head: dict[str, Any] = {"model_name": name, "model_version": m.version, "outputs": outputs}
+    head: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if req.id is not None:
         head["id"] = req.id
     head_bytes = json.dumps(head).encode()
@@ -338,12 +329,12 @@ async def ready(pipeline: PipelineDep) -> Any:
     return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
 
 
-async def model_metadata(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
-    _check_model(pipeline, name, version)
-    m = pipeline.predictor.manifest
-    assert m is not None
+def metadata(pipeline: Pipeline, model: ModelInfo) -> dict[str, Any]:
+    """The protocol's model metadata (every transport's)."""
+    m = model.manifest
+    versions = sorted(pipeline.repository.models.get(model.name, {}), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
     return {
-        "name": m.name, "versions": [m.version], "platform": "onnxruntime_onnx",
+        "name": model.name, "versions": versions or [model.version], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                    {"name": "description", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -353,47 +344,65 @@ async def model_metadata(pipeline: PipelineDep, name: str, version: str | None =
                     {"name": "ood_score", "datatype": "FP32", "shape": [-1]}],
         "parameters": {"labels": m.labels, "image_size": m.image_size, "max_caption_tokens": m.max_len,
                        "temperature": m.temperature, "min_confidence": pipeline.min_confidence(),
-                       "ood_abstain": pipeline.settings.ood_abstain and m.ood_threshold is not None},
+                       "ood_abstain": pipeline.settings.ood_abstain and m.ood_threshold is not None,
+                       "version": model.version},
     }
 
 
+async def model_metadata(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
+    return metadata(pipeline, pipeline.repository.find(name, version).info)
+
+
 async def model_ready(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
-    _check_model(pipeline, name, version)
-    return JSONResponse({"name": name, "ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
+    ready = pipeline.repository.find(name, version).ready and not pipeline.draining
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else http_status("not_ready"))
+
+
+class V2Codec:
+    """Open Inference Protocol (REST): the JSON header (and binary tensors) in, output tensors out."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.req: InferRequest | None = None
+
+    def check(self, model: ModelInfo) -> None:
+        """Nothing to check before the body: the request's parameters are in it."""
+
+    async def decode(self, request: Request, body: bytes, model: ModelInfo) -> list[Row]:
+        header_length = request.headers.get("inference-header-content-length")
+        s, metrics = self.pipeline.settings, self.pipeline.metrics
+        # before the parse (it holds the GIL throughout): the JSON header's values are bounded by what
+        # the protocol can carry here (rows, and the tensor element limit of each input)
+        head = body[: int(header_length)] if header_length is not None and re.fullmatch(r"[0-9]{1,19}", header_length) else body
+        limit = max_json_values(s.max_batch_items, s.max_description_chars, MAX_TENSORS * MAX_ELEMENTS)
+        if (values := json_values_bound(head)) > limit:
+            raise _bad(f"the inference request holds up to {values} JSON values; the limit is {limit}")
+        if len(body) > 64 * 1024:  # parsing megabytes of JSON stays off the event loop
+            req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)
+        else:
+            req, binary = parse_request(body, header_length)
+        ignored = unknown_keys(req)
+        for level, keys in ignored.items():
+            metrics.v2_unknown_keys.labels(level).inc(len(keys))
+        if ignored and log.isEnabledFor(logging.DEBUG):
+            log.debug("ignored keys the service does not read: %s",
+                      "; ".join(f"{lv}: {', '.join(truncate(k, 40) for k in ks[:8])}" for lv, ks in ignored.items()))
+        rows = to_rows(read_inputs(req, binary))
+        self.req, self.selection = req, select_outputs(req)
+        self.min_confidence = request_min_confidence(req, self.pipeline)
+        return rows
+
+    def encode(self, answers: Sequence[Answer], model: ModelInfo, request: Request) -> Response:
+        for i, a in enumerate(answers):
+            if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
+                raise a.exception(f"image[{i}]: ")
+        assert self.req is not None  # decoded before
+        return render(self.req, self.selection, [a for a in answers if isinstance(a, Prediction)], model,
+                      self.min_confidence, self.pipeline.settings.ood_abstain)
 
 
 async def infer(request: Request, pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
-    _check_model(pipeline, name, version)
-    pipeline.require_ready()
-    pipeline.refuse_if_full()
-    body = await request.body()
-    pipeline.refuse_if_full()
-    header_length = request.headers.get("inference-header-content-length")
-    s = pipeline.settings
-    # before the parse (it holds the GIL throughout): the JSON header's values are bounded by what
-    # the protocol can carry here (rows, and the tensor element limit of each input)
-    head = body[: int(header_length)] if header_length is not None and re.fullmatch(r"[0-9]{1,19}", header_length) else body
-    limit = max_json_values(s.max_batch_items, s.max_description_chars, MAX_TENSORS * MAX_ELEMENTS)
-    if (values := json_values_bound(head)) > limit:
-        raise _bad(f"the inference request holds up to {values} JSON values; the limit is {limit}")
-    if len(body) > 64 * 1024:  # parsing megabytes of JSON stays off the event loop
-        req, binary = await anyio.to_thread.run_sync(parse_request, body, header_length)
-    else:
-        req, binary = parse_request(body, header_length)
-    ignored = unknown_keys(req)
-    for level, keys in ignored.items():
-        pipeline.metrics.v2_unknown_keys.labels(level).inc(len(keys))
-    if ignored and log.isEnabledFor(logging.DEBUG):
-        log.debug("ignored keys the service does not read: %s",
-                  "; ".join(f"{lv}: {', '.join(truncate(k, 40) for k in ks[:8])}" for lv, ks in ignored.items()))
-    rows = to_rows(read_inputs(req, binary))
-    selection = select_outputs(req)
-    min_confidence = request_min_confidence(req, pipeline)
-    answers = await pipeline.run(rows, request.state)
-    for i, a in enumerate(answers):
-        if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
-            raise a.exception(f"image[{i}]: ")
-    return render(req, selection, [a for a in answers if isinstance(a, Prediction)], pipeline, name, min_confidence)
+    return await handle(request, pipeline, V2Codec(pipeline), name, version)
 
 
 for _prefix in ("/models/{name}", "/models/{name}/versions/{version}"):

@@ -50,7 +50,7 @@ def test_an_over_confident_model_is_calibrated_at_export(tiny_run: Path, tmp_pat
     """The tiny model with its logits scaled by 20: the export fits T > 1 and lowers the ECE, and
     the service's predictor applies T to what the graph outputs."""
     from model_training.export import export_artifact
-    from service.predictor import Predictor
+    from service.serving.session import Predictor
     from service.settings import Settings
 
     ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)

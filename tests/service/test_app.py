@@ -229,7 +229,7 @@ def test_readiness_before_load(tiny_artifact: Path) -> None:
         assert r.status_code == 503 and r.json()["status"] == "not_loaded"
         assert c.get("/healthz").status_code == 200
         assert_error(classify(c), 503, "not_ready")
-        app.state.pipeline.predictor.load()
+        c.portal.call(app.state.pipeline.repository.start)
         assert c.get("/readyz").status_code == 200
         assert classify(c).status_code == 200
 
@@ -283,7 +283,7 @@ def test_default_model_serves_the_built_in_classes() -> None:
 def test_internal_error_has_no_traceback(tiny_artifact: Path, caplog: pytest.LogCaptureFixture) -> None:
     app = create_app(Settings(model_dir=tiny_artifact, provider="cpu"))  # type: ignore[call-arg]
     with TestClient(app, raise_server_exceptions=False) as c:
-        predictor = app.state.pipeline.predictor
+        predictor = app.state.pipeline.model().backend
 
         class Broken:  # a session that fails the way a GPU fault would: an exception from run()
             def run(self, *a: object, **k: object) -> None:

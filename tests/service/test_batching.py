@@ -19,7 +19,8 @@ from classifier_core.images import load_image
 from classifier_core.text import EncodedText, TextEncoder
 from service.batcher import Batcher, BatchFailed, QueueFull, QueueTimeout
 from service.metrics import Metrics
-from service.predictor import Prediction, Predictor
+from service.serving.base import Prediction
+from service.serving.session import Predictor
 from service.settings import Settings
 
 

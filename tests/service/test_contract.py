@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import app_client, encode, jpeg_bytes
+from helpers import app_client, encode, jpeg_bytes, make_repository
 from PIL import Image
 
 from service.app import create_app
@@ -51,6 +51,20 @@ def client(tiny_artifact: Path) -> Iterator[TestClient]:
         yield c
 
 
+def v2_answer(r: httpx.Response) -> tuple[int, str, str]:
+    return r.status_code, r.json()["code"], r.json()["error"]
+
+
+def repository_trigger(tiny_artifact: Path, key: str | None) -> tuple[int, str, str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_repository(Path(tmp), {"tiny": {"1": tiny_artifact}})
+        (repo / "broken" / "1").mkdir(parents=True)
+        with app_client(tiny_artifact, model_repository=repo, api_key=key) as c:
+            return v2_answer(c.post("/v2/repository/models/broken/load", headers={"x-api-key": key or ""}))
+
+
 def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple[int, str, str]]]:
     jpg = jpeg_bytes()
 
@@ -73,7 +87,7 @@ def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple
 
     def not_ready() -> tuple[int, str, str]:
         with TestClient(create_app(Settings(model_dir=tiny_artifact, provider="cpu"), load_model=False)) as cold:  # type: ignore[call-arg]
-            cold.app.state.pipeline.predictor.state = "loading"  # type: ignore[attr-defined]
+            cold.app.state.pipeline.repository.state = "loading"  # type: ignore[attr-defined]
             return answer(cold.post("/classify", files={"image": ("x", jpg, "image/jpeg")}))
 
     def unauthorized() -> tuple[int, str, str]:
@@ -81,7 +95,7 @@ def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple
             return answer(locked.get("/model"))
 
     def inference_failed() -> tuple[int, str, str]:
-        predictor = c.app.state.pipeline.predictor  # type: ignore[attr-defined]
+        predictor = c.app.state.pipeline.model().backend  # type: ignore[attr-defined]
 
         class Broken:
             def run(self, *a: object) -> None:
@@ -113,6 +127,9 @@ def triggers(c: TestClient, tiny_artifact: Path) -> dict[str, Callable[[], tuple
         "too_many_items": lambda: batch_item([{"image_base64": base64.b64encode(jpg).decode()}] * 65),
         "validation_error": lambda: post(params={"top_k": 0}),
         "not_ready": not_ready,
+        "model_not_found": lambda: post(params={"model": "nope"}),
+        "forbidden": lambda: repository_trigger(tiny_artifact, None),
+        "model_load_failed": lambda: repository_trigger(tiny_artifact, "k"),
         "inference_failed": inference_failed,
     }
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from helpers import DEFAULT_MODEL, ROOT, free_port, jpeg_bytes, running_server, start_server, wait_ready, workers_of
 
-from service.owner import shm_dir
+from service.serving.wire import shm_dir
 
 OWNER = {"CLASSIFIER_TOPOLOGY": "owner", "CLASSIFIER_LOG_LEVEL": "info", "CLASSIFIER_LOG_FORMAT": "text"}
 ROWS = [(jpeg_bytes((64 + 8 * i, 48), colour=(30 * i % 255, 200 - 20 * i, 90)), f"item {i}: a red apple or a lemon")

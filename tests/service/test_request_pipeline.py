@@ -118,7 +118,7 @@ def test_request_limits_are_the_same_on_every_protocol(client: TestClient) -> No
     assert (r.status_code, r.json()["code"]) == (422, "too_many_items")
     # every row answered is counted by outcome, whichever protocol sent it
     metrics = client.get("/metrics").text
-    assert 'classifier_rows_total{outcome="ok"}' in metrics and 'classifier_rows_total{outcome="invalid_image"}' in metrics
+    assert 'outcome="ok"' in metrics and 'classifier_rows_total{model="tiny",outcome="invalid_image",version="0.0.1"}' in metrics
 
 
 class PoisonedSession:
@@ -141,7 +141,7 @@ def test_a_poisoned_row_leaves_other_clients_rows_at_200(tiny_artifact: Path) ->
 
     async def go() -> tuple[list[httpx.Response], list[httpx.Response], list[tuple[int, bool]], list[dict[str, Any]]]:
         async with app.router.lifespan_context(app):
-            predictor = app.state.pipeline.predictor
+            predictor = app.state.pipeline.model().backend
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 def post(img: bytes) -> Any:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from classifier_core.artifact import ArtifactError
-from service.predictor import Predictor, ProviderError, gpu_present
+from service.serving.base import ProviderError
+from service.serving.session import Predictor, gpu_present
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def test_auto_probes_cuda_quietly_and_falls_back(tiny_artifact: Path, capfd: pyt
     # the probe runs on every machine: told a GPU is there, onnxruntime tries CUDA for real; where
     # its libraries or the device are missing it logs errors, which must stay muted during the probe
     real_gpu = gpu_present()
-    monkeypatch.setattr("service.predictor.gpu_present", lambda: True)
+    monkeypatch.setattr("service.serving.session.gpu_present", lambda: True)
     p = Predictor(Settings(model_dir=tiny_artifact, provider="auto"))  # type: ignore[call-arg]
     p.load()
     if not real_gpu:

@@ -45,42 +45,20 @@ import numpy as np
 from classifier_core.artifact import load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
-from .predictor import EngineUnavailable, Prediction, Predictor, predictions
-from .settings import Settings
+from ..settings import Settings
+from . import wire
+from .base import EngineUnavailable, ModelInfo, Prediction, predictions
+from .session import Predictor
+from .wire import BEAT, HEAD, HEARTBEAT_S, HEARTBEAT_TIMEOUT_S, allocate_slab, manifest_digest, shm_dir
 
 log = logging.getLogger(__name__)
-
-_HEAD = struct.Struct("<IIII")  # request id, rows, sequence width, status (replies: 0 ok, 1 failed)
-_BEAT = struct.Struct("<d")  # the owner's time.monotonic() (one clock for every process on the host)
-HEARTBEAT_S = 0.1
-HEARTBEAT_TIMEOUT_S = 1.0
 
 
 class _ConnectionLost(Exception):
     """The owner closed the connection under a request (it stopped): worth one try on a fresh one."""
 
 
-def allocate_slab(fd: int, size: int) -> None:
-    """Reserve the slab's memory now: with a plain ftruncate a full /dev/shm shows up later as SIGBUS."""
-    if hasattr(os, "posix_fallocate"):
-        os.posix_fallocate(fd, 0, size)
-    else:  # pragma: no cover (macOS): written through instead
-        os.ftruncate(fd, size)
-        os.pwrite(fd, bytes(size), 0)
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 # --- the worker's side ---------------------------------------------------------------
-
-
-def manifest_digest(model_dir: Path) -> str:
-    """Worker and owner must serve the same artifact (a SIGHUP may swap it): they compare this."""
-    import hashlib
-
-    return hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 class RemotePredictor:
@@ -91,13 +69,16 @@ class RemotePredictor:
     killed worker or owner leaves nothing in /dev/shm.
     """
 
-    HANDSHAKE_TIMEOUT_S = 5.0
+    HANDSHAKE_TIMEOUT_S = 120.0  # the owner loads a model it does not hold yet before it answers
     CONNECT_WAIT_S = 5.0  # at start, for the first connection
     RESEND_WAIT_S = 1.0  # after the owner closed under a request: how long a resend may wait for the next owner
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, address: str, model_dir: Path | None = None, name: str | None = None,
+                 version: str | None = None) -> None:
         self.settings = settings
-        self.address = str(settings.owner_address)
+        self.address = address
+        self.model_dir = Path(model_dir or settings.model_dir).resolve()
+        self.name, self.version = name, version
         self.manifest: Any = None
         self.text: TextEncoder | None = None
         self.providers: list[str] = []
@@ -113,7 +94,7 @@ class RemotePredictor:
         self._shm_logged = False
         self._beat: mmap.mmap | None = None  # the owner's heartbeat, read-only
 
-    # the Predictor interface the pipeline and the routes use
+    # the Backend interface
     @property
     def ready(self) -> bool:
         return self._loaded and self._alive() and self._beating()
@@ -132,19 +113,20 @@ class RemotePredictor:
         if beat is None:
             return False
         try:
-            (at,) = _BEAT.unpack_from(beat)
+            (at,) = BEAT.unpack_from(beat)
         except (ValueError, struct.error):
             return False
         return time.monotonic() - at < HEARTBEAT_TIMEOUT_S
 
-    def load(self) -> None:
+    def load(self) -> ModelInfo:
         """The artifact's manifest and tokenizer (validation and tokenizing stay in the worker).
 
         The worker starts even while the owner is (re)starting: it is not ready until connected. It
         waits for a first connection a few seconds (``CONNECT_WAIT_S``), so that a worker that starts
         listening (a SIGHUP replacement, say) is normally connected and ready by then.
         """
-        model_dir = Path(self.settings.model_dir)
+        t0 = time.perf_counter()
+        model_dir = self.model_dir
         self.manifest = load_manifest(model_dir)
         self.text = TextEncoder.from_file(model_dir / self.manifest.tokenizer_file, self.manifest.max_len)
         self.digest = manifest_digest(model_dir)
@@ -153,6 +135,10 @@ class RemotePredictor:
         while not self._connect() and time.monotonic() < deadline:
             time.sleep(0.1)
         threading.Thread(target=self._reconnect_loop, daemon=True, name="owner-reconnect").start()
+        m = self.manifest
+        # the session's memory is the owner's (docs/operations.md); a worker holds the tokenizer only
+        return ModelInfo(self.name or m.name, self.version or m.version, m, self.text, model_dir,
+                         tuple(self.providers) or ("owner",), None, round(time.perf_counter() - t0, 3))
 
     def _reconnect_loop(self) -> None:
         while not self._closed.wait(0.2):
@@ -183,7 +169,7 @@ class RemotePredictor:
             if self._conn is not None:
                 return True
             try:
-                fd, path = tempfile.mkstemp(prefix="classifier-rows-", dir=shm_dir())
+                fd, path = tempfile.mkstemp(prefix=wire.SLAB_PREFIX, dir=shm_dir())
             except OSError as exc:
                 self._log_shm(exc)
                 return False
@@ -196,7 +182,7 @@ class RemotePredictor:
                     return False
                 slab = mmap.mmap(fd, size)
                 conn = Client(self.address, family="AF_UNIX")
-                conn.send((path, os.getpid(), self.digest))
+                conn.send((path, os.getpid(), self.digest, str(self.model_dir)))
                 if not conn.poll(self.HANDSHAKE_TIMEOUT_S):
                     raise TimeoutError
                 providers, digest, beat_path = conn.recv()
@@ -230,13 +216,9 @@ class RemotePredictor:
             raise ValueError(path)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            return mmap.mmap(fd, _BEAT.size, prot=mmap.PROT_READ)
+            return mmap.mmap(fd, BEAT.size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-
-    def encode(self, descriptions: list[str]) -> list[EncodedText]:
-        assert self.text is not None
-        return self.text.encode_batch(descriptions)
 
     def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
         assert self.text is not None
@@ -269,7 +251,7 @@ class RemotePredictor:
             np.frombuffer(slab, np.uint8, images.size).reshape(images.shape)[:] = images
             self._next_id += 1
             try:
-                conn.send_bytes(_HEAD.pack(self._next_id, len(ids), ids.shape[1], 0) + ids.tobytes())
+                conn.send_bytes(wire.request(self._next_id, ids))
                 if not conn.poll(self.settings.request_timeout_ms / 1000):
                     raise TimeoutError
                 reply = conn.recv_bytes()
@@ -279,26 +261,23 @@ class RemotePredictor:
             except (OSError, EOFError) as exc:
                 self._drop()
                 raise _ConnectionLost from exc
-            if _HEAD.unpack_from(reply)[0] != self._next_id:
+            if HEAD.unpack_from(reply)[0] != self._next_id:
                 self._drop()
                 raise EngineUnavailable("the model owner's answer did not match the request")
             return reply
 
     def _read_reply(self, reply: bytes, n: int, encoded: list[EncodedText]) -> list[Prediction]:
-        _, rows, width, status = _HEAD.unpack_from(reply)
-        classes = len(self.manifest.labels)
+        _, rows, _, status = HEAD.unpack_from(reply)
         if rows != n:
             self._drop()
             raise EngineUnavailable("the model owner's answer did not match the request")
         if status != 0:
-            raise RuntimeError(reply[_HEAD.size :].decode(errors="replace"))
-        if len(reply) != _HEAD.size + 4 * n * (classes + width + 1):  # never slice another row's numbers
+            raise RuntimeError(reply[HEAD.size :].decode(errors="replace"))
+        try:
+            probs, attn, ood = wire.read_reply(reply, len(self.manifest.labels))
+        except ValueError:
             self._drop()
-            raise EngineUnavailable("the model owner's answer has the wrong size (another model?)")
-        # copies: a Prediction must not keep the whole reply alive
-        probs = np.frombuffer(reply, np.float32, n * classes, _HEAD.size).reshape(n, classes).copy()
-        attn = np.frombuffer(reply, np.float32, n * width, _HEAD.size + probs.nbytes).reshape(n, width).copy()
-        ood = np.frombuffer(reply, np.float32, n, _HEAD.size + probs.nbytes + attn.nbytes).copy()
+            raise EngineUnavailable("the model owner's answer has the wrong size (another model?)") from None
         return predictions(probs, attn, ood, encoded)
 
     def _drop(self) -> None:
@@ -313,11 +292,6 @@ class RemotePredictor:
         self._closed.set()
         self._drop()
 
-    def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {"state": self.state, "name": m.name if m else None, "version": m.version if m else None,
-                "providers": self.providers, "topology": "owner"}
-
 
 # --- the owner's side ----------------------------------------------------------------
 
@@ -326,25 +300,73 @@ class RemotePredictor:
 class _Job:
     conn: Connection
     rid: int
+    model: _Held
     images: np.ndarray  # a view of the worker's slab
     ids: np.ndarray
 
 
-class Owner:
-    """Accepts worker connections, merges their batches, runs the one session, answers each."""
+@dataclass
+class _Held:
+    """One artifact the owner holds a session for, and how many worker connections use it."""
 
-    def __init__(self, settings: Settings, address: str) -> None:
+    predictor: Predictor
+    digest: str
+    connections: int = 0
+
+
+class Owner:
+    """Accepts worker connections, merges their batches per model, runs the sessions, answers each.
+
+    It holds a session per artifact folder its workers ask for: the ones the repository serves at
+    start are loaded before it reports ready; a version a worker loads later (a repository poll or
+    the load API) is loaded when its first connection arrives, and closed
+    ``UNLOAD_GRACE_S`` after its last connection ended (every worker has unloaded it).
+    """
+
+    UNLOAD_GRACE_S = 10.0
+
+    def __init__(self, settings: Settings, address: str, preload: list[Path] | None = None) -> None:
         self.settings = settings
         self.address = address
-        self.predictor = Predictor(settings)
+        self.preload = [Path(p).resolve() for p in (preload if preload is not None else [settings.model_dir])]
+        self.models: dict[str, _Held] = {}
+        self._models_lock = threading.Lock()  # loads (in connection threads) and unloads
         # SimpleQueue: its put is safe in a signal handler (SIGTERM), queue.Queue's lock is not
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.digest = manifest_digest(Path(settings.model_dir))
         self.stopping = threading.Event()
         self.max_rows = settings.owner_max_batch
+        self.providers: list[str] = []
+
+    def _hold(self, model_dir: Path) -> _Held:
+        """The session for ``model_dir``, loaded now if the owner does not hold it (ArtifactError if broken)."""
+        key = str(model_dir)
+        with self._models_lock:
+            held = self.models.get(key)
+            if held is None:
+                predictor = Predictor(self.settings, model_dir)
+                predictor.load()
+                held = self.models[key] = _Held(predictor, manifest_digest(model_dir))
+                self.providers = predictor.providers
+            held.connections += 1
+            return held
+
+    def _release(self, held: _Held) -> None:
+        with self._models_lock:
+            held.connections -= 1
+        if held.connections == 0 and held.predictor.model_dir not in self.preload:
+            threading.Timer(self.UNLOAD_GRACE_S, self._unload_if_unused, args=(held,)).start()
+
+    def _unload_if_unused(self, held: _Held) -> None:
+        with self._models_lock:
+            key = str(held.predictor.model_dir)
+            if held.connections == 0 and self.models.get(key) is held:
+                del self.models[key]
+                log.info("model owner: unloaded %s (no worker uses it)", key)
+        # its session goes when the last batch holding it ends (jobs keep a reference)
 
     def serve(self, ready: Connection | None = None) -> None:
-        self.predictor.load()
+        for model_dir in self.preload:
+            self._release(self._hold(model_dir))  # loaded, held for the workers to come
         pid = os.getpid()
         own = f"{self.address}.{pid}"  # this owner's socket; ``address`` is a symlink to the current owner's
         with contextlib.suppress(FileNotFoundError):
@@ -354,8 +376,8 @@ class Owner:
         self.beat_path = f"{own}.beat"
         beat_fd = os.open(self.beat_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            allocate_slab(beat_fd, _BEAT.size)
-            beat = mmap.mmap(beat_fd, _BEAT.size)
+            allocate_slab(beat_fd, BEAT.size)
+            beat = mmap.mmap(beat_fd, BEAT.size)
         finally:
             os.close(beat_fd)
         threading.Thread(target=self._heartbeat, args=(beat,), daemon=True, name="owner-heartbeat").start()
@@ -365,7 +387,8 @@ class Owner:
             os.unlink(link)
         os.symlink(own, link)
         os.replace(link, self.address)  # atomic: new connections reach this owner from now on
-        log.info("model owner ready: %s, up to %d rows per call", self.predictor.providers[0], self.max_rows)
+        log.info("model owner ready: %d model(s) on %s, up to %d rows per call", len(self.models),
+                 self.providers[0] if self.providers else "?", self.max_rows)
         if ready is not None:
             ready.send(pid)
         try:
@@ -377,7 +400,7 @@ class Owner:
 
     def _heartbeat(self, beat: mmap.mmap) -> None:
         while True:
-            _BEAT.pack_into(beat, 0, time.monotonic())
+            BEAT.pack_into(beat, 0, time.monotonic())
             time.sleep(HEARTBEAT_S)
 
     def _accept(self, listener: Listener) -> None:
@@ -389,13 +412,18 @@ class Owner:
             threading.Thread(target=self._read, args=(conn,), daemon=True, name="owner-conn").start()
 
     def _read(self, conn: Connection) -> None:
-        assert self.predictor.manifest is not None
-        side = self.predictor.manifest.image_size
+        held: _Held | None = None
         try:
-            path, pid, _digest = conn.recv()
-            # only a worker's own slab: a file this module names, in the shared-memory folder
-            if Path(path).parent != Path(shm_dir()) or not Path(path).name.startswith("classifier-rows-"):
+            path, pid, _digest, model_dir = conn.recv()
+            if not wire.is_slab(path):
                 log.warning("refused a connection from pid %s: slab %r", pid, path)
+                conn.close()
+                return
+            try:
+                held = self._hold(Path(model_dir))
+            except Exception as exc:  # a broken artifact: this worker's model is not ready, the others serve on
+                log.error("model owner: cannot load %s for pid %s: %s", model_dir, pid, exc)
+                conn.send((self.providers, "", self.beat_path))
                 conn.close()
                 return
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -403,15 +431,21 @@ class Owner:
                 slab = mmap.mmap(fd, 0)
             finally:
                 os.close(fd)
-            conn.send((self.predictor.providers, self.digest, self.beat_path))
+            conn.send((held.predictor.providers, held.digest, self.beat_path))
+            manifest = held.predictor.manifest
+            assert manifest is not None  # _hold returns loaded models only
+            side = manifest.image_size
             while True:
                 msg = conn.recv_bytes()
-                rid, n, width, _ = _HEAD.unpack_from(msg)
-                ids = np.frombuffer(msg, np.int64, n * width, _HEAD.size).reshape(n, width)
+                rid, n, width, _ = HEAD.unpack_from(msg)
+                ids = np.frombuffer(msg, np.int64, n * width, HEAD.size).reshape(n, width)
                 images = np.frombuffer(slab, np.uint8, n * side * side * 3).reshape(n, side, side, 3)
-                self.jobs.put(_Job(conn, rid, images, ids))
+                self.jobs.put(_Job(conn, rid, held, images, ids))
         except (OSError, EOFError, ValueError):
             return  # the worker went away: its rows were answered or are lost with it
+        finally:
+            if held is not None:
+                self._release(held)
 
     def _batch_loop(self) -> None:
         while not self.stopping.is_set():
@@ -430,7 +464,7 @@ class Owner:
                     break
                 jobs.append(job)
                 rows += len(job.ids)
-            self._run(jobs)
+            self._run_by_model(jobs)
         # stopping: what the workers sent before they could see it is still answered
         leftover = []
         while True:
@@ -441,11 +475,19 @@ class Owner:
             if job is not None:
                 leftover.append(job)
         for i in range(0, len(leftover), 8):
-            self._run(leftover[i : i + 8])
+            self._run_by_model(leftover[i : i + 8])
+
+    def _run_by_model(self, jobs: list[_Job]) -> None:
+        groups: dict[int, list[_Job]] = {}
+        for j in jobs:  # one call per model, in arrival order of each model's first job
+            groups.setdefault(id(j.model), []).append(j)
+        for group in groups.values():
+            self._run(group)
 
     def _run(self, jobs: list[_Job]) -> None:
-        assert self.predictor.text is not None
-        pad = self.predictor.text.pad_id
+        predictor = jobs[0].model.predictor
+        assert predictor.text is not None
+        pad = predictor.text.pad_id
         width = max(j.ids.shape[1] for j in jobs)
         ids = np.full((sum(len(j.ids) for j in jobs), width), pad, np.int64)
         at = 0
@@ -453,21 +495,19 @@ class Owner:
             ids[at : at + len(j.ids), : j.ids.shape[1]] = j.ids
             at += len(j.ids)
         try:
-            probs, attn, ood = self.predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
+            probs, attn, ood = predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
         except Exception as exc:
             if len(jobs) > 1:  # isolation: each worker's batch on its own, so one bad batch fails alone
                 for j in jobs:
                     self._run([j])
                 return
             log.error("inference failed for a batch of %d: %s", len(ids), exc)
-            self._reply(jobs[0], _HEAD.pack(jobs[0].rid, len(jobs[0].ids), 0, 1) + b"inference failed for this batch")
+            self._reply(jobs[0], wire.failure(jobs[0].rid, len(jobs[0].ids), "inference failed for this batch"))
             return
         at = 0
         for j in jobs:
             n, w = j.ids.shape
-            body = (probs[at : at + n].astype(np.float32).tobytes() + np.ascontiguousarray(attn[at : at + n, :w], np.float32).tobytes()
-                    + ood[at : at + n].astype(np.float32).tobytes())
-            self._reply(j, _HEAD.pack(j.rid, n, w, 0) + body)
+            self._reply(j, wire.reply(j.rid, probs[at : at + n], attn[at : at + n, :w], ood[at : at + n]))
             at += n
 
     def _reply(self, job: _Job, data: bytes) -> None:
@@ -480,13 +520,14 @@ class Owner:
 
 
 def owner_main(settings: Settings, address: str, ready: Connection) -> None:
-    """The owner process (spawned by the supervisor): loads the model, serves until SIGTERM."""
+    """The owner process (spawned by the supervisor): loads the repository's models, serves until SIGTERM."""
     import logging.config
 
-    from .logs import log_config
+    from ..logs import log_config
+    from .repository import initial_versions
 
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
-    owner = Owner(settings, address)
+    owner = Owner(settings, address, [v.directory for v in initial_versions(settings)])
     # SIGTERM comes after the workers have drained: finish the call in progress, then exit
     signal.signal(signal.SIGTERM, lambda *_: owner.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor orders the stop

@@ -1,6 +1,6 @@
-"""The model behind the service: artifact checks, provider choice, warm-up, inference.
+"""The in-process backend: artifact checks, provider choice, warm-up, inference on one onnxruntime session.
 
-Nothing here touches the event loop; the app calls ``predict`` from worker threads.
+Nothing here touches the event loop; the batcher calls ``predict`` from its thread.
 """
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,77 +17,13 @@ import onnxruntime as ort
 from classifier_core.artifact import ArtifactError, Manifest, load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
-from .settings import Settings
+from ..settings import Settings
+from .base import ModelInfo, Prediction, ProviderError, calibrate, predictions, resident_bytes
 
 log = logging.getLogger(__name__)
 
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32"}
 _PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
-
-
-class ProviderError(RuntimeError):
-    """The requested execution provider cannot be used on this machine."""
-
-
-class EngineUnavailable(RuntimeError):
-    """The inference engine cannot be reached (the owner process died or is restarting): answer 503."""
-
-
-@dataclass
-class Prediction:
-    probabilities: np.ndarray  # float32 [C], calibrated (the artifact's temperature applied)
-    attention: np.ndarray  # float32 [L_real]
-    tokens: list[str]
-    batch_size: int = 1  # rows in the onnxruntime call that produced it (set by the batcher)
-    # the out-of-distribution score over the artifact's threshold: above 1.0 the input is unlike the
-    # training data; None when the artifact has no such score
-    ood: float | None = None
-
-    @property
-    def confidence(self) -> float:
-        return float(self.probabilities.max())
-
-    def abstain_reason(self, min_confidence: float, use_ood: bool = True) -> str | None:
-        """Why the service would rather not name a label (None: it names one).
-
-        ``out_of_distribution`` first: a photo of something the model never learned is answered
-        with high confidence all the same, so confidence cannot catch it.
-        """
-        if use_ood and self.ood is not None and self.ood > 1.0:
-            return "out_of_distribution"
-        if self.confidence < min_confidence:
-            return "low_confidence"
-        return None
-
-
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits): log p differs from the logits by a per-row constant."""
-    if temperature == 1.0:
-        return probs
-    z = np.log(np.maximum(probs, np.float32(1e-45))) / np.float32(temperature)
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
-
-
-class Engine(Protocol):
-    """What the pipeline and the routes need of the model: ``Predictor`` in-process, or
-    ``owner.RemotePredictor`` in front of an owner process."""
-
-    manifest: Manifest | None
-    text: TextEncoder | None
-    providers: list[str]
-    error: str | None
-
-    @property
-    def ready(self) -> bool: ...
-    @property
-    def state(self) -> str: ...
-    def load(self) -> None: ...
-    def encode(self, descriptions: list[str]) -> list[EncodedText]: ...
-    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]: ...
-    def info(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...
 
 
 def gpu_present() -> bool:
@@ -97,8 +32,15 @@ def gpu_present() -> bool:
 
 
 class Predictor:
-    def __init__(self, settings: Settings) -> None:
+    """One artifact folder on one onnxruntime session (``model_dir``; default: the settings').
+
+    ``name`` and ``version``: what clients address it as (default: the manifest's)."""
+
+    def __init__(self, settings: Settings, model_dir: Path | None = None, name: str | None = None,
+                 version: str | None = None) -> None:
         self.settings = settings
+        self.model_dir = Path(model_dir or settings.model_dir)
+        self.name, self.version = name, version
         self.manifest: Manifest | None = None
         self.text: TextEncoder | None = None
         self.session: ort.InferenceSession | None = None
@@ -106,6 +48,7 @@ class Predictor:
         self.state = "not_loaded"  # not_loaded -> loading -> ready | failed
         self.error: str | None = None
         self._lock = threading.Lock()
+        self.loaded: ModelInfo | None = None
 
     @property
     def ready(self) -> bool:
@@ -189,12 +132,17 @@ class Predictor:
         if list(img[1:]) != [manifest.image_size, manifest.image_size, 3]:
             raise ArtifactError(f"{model_path}: image input shape {img} does not match image_size {manifest.image_size}")
 
-    def load(self) -> None:
-        """Verify the artifact, open the session, warm up; raises ArtifactError/ProviderError."""
+    def load(self) -> ModelInfo:
+        """Verify the artifact, open the session, warm up; raises ArtifactError/ProviderError.
+
+        Loaded already (``python -m service`` checked it before binding): what was loaded."""
+        if self.state == "ready" and self.loaded is not None:
+            return self.loaded
         self.state = "loading"
         t0 = time.perf_counter()
+        rss0 = resident_bytes()
         try:
-            model_dir = Path(self.settings.model_dir)
+            model_dir = self.model_dir
             manifest = load_manifest(model_dir)
             tok_path = model_dir / manifest.tokenizer_file
             try:
@@ -220,8 +168,13 @@ class Predictor:
             self.state, self.error = "failed", str(exc)
             raise
         self.state = "ready"
+        seconds, rss1 = time.perf_counter() - t0, resident_bytes()
         log.info("model %s %s loaded in %.2fs; provider in use: %s", manifest.name, manifest.version,
-                 time.perf_counter() - t0, self.providers[0])
+                 seconds, self.providers[0])
+        self.loaded = ModelInfo(self.name or manifest.name, self.version or manifest.version, manifest, text, model_dir,
+                                tuple(self.providers), None if rss0 is None or rss1 is None else max(0, rss1 - rss0),
+                                round(seconds, 3))
+        return self.loaded
 
     @property
     def fixed_shapes(self) -> bool:
@@ -288,19 +241,7 @@ class Predictor:
         return probs, np.concatenate(attn_out), np.concatenate(ood_out)
 
     def close(self) -> None:
-        """Nothing to release beyond what the process's exit releases."""
+        """Drop the session: an unloaded version's memory goes back (the batcher has stopped calling it)."""
+        self.session, self.loaded = None, None
+        self.state = "not_loaded"
 
-
-    def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {
-            "state": self.state,
-            "name": m.name if m else None,
-            "version": m.version if m else None,
-            "providers": self.providers,
-        }
-
-
-def predictions(probs: np.ndarray, attn: np.ndarray, ood: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
-    return [Prediction(probs[r], attn[r, : len(e.ids)], e.tokens, ood=None if np.isnan(ood[r]) else float(ood[r]))
-            for r, e in enumerate(encoded)]
