@@ -1,7 +1,9 @@
 """The exported artifact: a folder with ``model.onnx``, ``tokenizer.json`` and ``manifest.json``.
 
-The manifest is the contract between training and serving (schema below). The writer
-lives in ``model_training.export``; this module reads and verifies it without torch.
+The manifest is the contract between training and serving: :class:`Manifest`, written by
+``model_training.export`` as ``Manifest(...).to_dict()`` and read back here with ``from_dict``,
+without torch; ``from_dict(d).to_dict() == d`` for what export writes (tested), so no field is
+written that the reader drops.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ECE before/after (none: T = 1)
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution score: method, output, threshold
     backbone: dict[str, Any] = field(default_factory=dict)  # pretrained image backbone: name, weights sha256, licence
+    parity: dict[str, Any] = field(default_factory=dict)  # onnxruntime vs torch at export: max abs differences
+    training: dict[str, Any] = field(default_factory=dict)  # best epoch, val accuracy, model config, optimiser
+    serving: dict[str, Any] = field(default_factory=dict)  # model bytes, session load seconds (measured at export)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -88,14 +93,19 @@ class Manifest:
                 calibration=dict(d.get("calibration") or {}),
                 ood=dict(d.get("ood") or {}),
                 backbone=dict(d.get("backbone") or {}),
+                parity=dict(d.get("parity") or {}),
+                training=dict(d.get("training") or {}),
+                serving=dict(d.get("serving") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{MANIFEST}: missing or invalid field: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest.json object (empty optional sections left out)."""
         from dataclasses import asdict
 
-        return asdict(self)
+        out = asdict(self)
+        return {k: v for k, v in out.items() if v not in ({}, None) or k in ("files", "opset")}
 
     def describe_training_data(self) -> str:
         """One honest line on what the model learned from, for people who are about to try it."""

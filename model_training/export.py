@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, sha256_file
+from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, Manifest, sha256_file
 from classifier_core.text import TextEncoder, pad_ids
 
 from . import jsonsafe
@@ -232,6 +232,74 @@ def write_atomically(tmp: Path, out: Path) -> None:
     out.chmod(0o755)  # mkdtemp made it 0700; a container's non-root user must read it
 
 
+@dataclass
+class Prepared:
+    """What export has fitted and measured before anything is written."""
+
+    model: FusedClassifier
+    ckpt: dict[str, Any]
+    text: TextEncoder
+    labels: list[str]
+    sources: list[str]
+    test: Any  # the decoded test split (at most EXPORT_TEST_SAMPLES)
+    tensors: Any
+    skipped: Any
+    trained: dict[str, Any]  # the run's metrics.json
+    wrapper: InferenceWrapper  # eval mode, with the OOD head: what is exported
+    fit: OODFit
+    confidence: dict[str, Any]  # calibration + ood sections of the manifest
+    report: dict[str, Any]
+
+
+def prepare(checkpoint: str | Path, data: list[str] | None, ood_quantile: float) -> Prepared:
+    """Load the checkpoint, fit temperature and OOD head, evaluate on the test split (export = eval)."""
+    from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
+    from .data import DataSpec, SkipReport
+    from .evaluate import classification_report
+    from .stream import collect
+    from .tensors import to_tensors
+
+    model, ckpt = load_checkpoint(checkpoint)
+    tc = ckpt["train_config"]
+    text: TextEncoder = text_encoder_from_checkpoint(ckpt)
+    labels = list(ckpt["labels"])
+    sources = list(data or tc["data"])
+    spec = DataSpec.of(tc, sources)
+    skipped = SkipReport()
+    # the test split is held decoded for the parity check and the report: at most EXPORT_TEST_SAMPLES of it
+    test = collect(spec, "test", labels, model.cfg.image_size, limit=EXPORT_TEST_SAMPLES, report=skipped)
+    run_metrics = Path(checkpoint).with_name("metrics.json")
+    trained = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
+    if len(test) == 0:
+        raise ExportError("the test split is empty: nothing to check parity or accuracy on")
+    tensors = to_tensors(test, text, labels)
+    confidence, fit, _ = fit_confidence(model, spec, labels, text, ood_quantile)
+    wrapper = InferenceWrapper(model, OODHead(fit)).eval()
+    test_out = Outputs(*_test_outputs(model, tensors))
+    probs = softmax(test_out.logits)
+    temperature = confidence["calibration"]["temperature"]
+    confidence["calibration"]["ece_test_before"] = ece(probs, test_out.targets)
+    confidence["calibration"]["ece_test_after"] = ece(softmax(test_out.logits, temperature), test_out.targets)
+    confidence["ood"]["flagged"] = {"test": float((fit.distances(test_out.features) > fit.threshold).mean()),
+                                    "val": 1.0 - ood_quantile}
+    report = classification_report(test_out.targets, probs.argmax(-1), labels)
+    return Prepared(model, ckpt, text, labels, sources, test, tensors, skipped, trained, wrapper, fit, confidence, report)
+
+
+def build_and_verify(p: Prepared, onnx_path: Path) -> dict[str, Any]:
+    """torch.onnx.export, onnx.checker (full), then onnxruntime vs torch parity; ExportError past PARITY_ATOL."""
+    import onnx
+
+    _onnx_export(p.wrapper, onnx_path, p.model.cfg.image_size)
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    parity = check_parity(p.wrapper, onnx_path, p.test.images[:PARITY_SAMPLES], p.tensors.ids[:PARITY_SAMPLES],
+                          p.text.max_len, p.text.vocab_size, ood_scale=p.fit.threshold)
+    log.info("parity (max abs diff): %s", parity)
+    if parity["max"] > PARITY_ATOL:
+        raise ExportError(f"onnxruntime vs torch parity failed: max abs diff {parity['max']:.2e} > {PARITY_ATOL:.0e} ({parity})")
+    return parity
+
+
 def export_artifact(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -243,78 +311,37 @@ def export_artifact(
     ood_quantile: float = OOD_QUANTILE,
     force: bool = True,
 ) -> dict[str, Any]:
-    from .checkpoint import load_checkpoint, text_encoder_from_checkpoint
-    from .data import DataError, DataSpec, SkipReport
-    from .evaluate import classification_report, plot_confusion
-    from .stream import collect
-    from .tensors import to_tensors
+    """prepare (fit + evaluate) -> build and verify (ONNX, checker, parity) -> write (manifest last), atomically."""
+    from .data import DataError
+    from .evaluate import plot_confusion
 
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not force:
         raise DataError(f"{out_dir} already holds an artifact; pass --force to replace it, or --out another folder")
-    model, ckpt = load_checkpoint(checkpoint)
-    tc = ckpt["train_config"]
-    text: TextEncoder = text_encoder_from_checkpoint(ckpt)
-    labels = list(ckpt["labels"])
-    sources = data or tc["data"]
-    spec = DataSpec.of(tc, list(sources))
-    skipped = SkipReport()
-    # the test split is held decoded for the parity check and the report: at most EXPORT_TEST_SAMPLES of it
-    test = collect(spec, "test", labels, model.cfg.image_size, limit=EXPORT_TEST_SAMPLES, report=skipped)
-    run_metrics = Path(checkpoint).with_name("metrics.json")
-    trained = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
-    if len(test) == 0:
-        raise ExportError("the test split is empty: nothing to check parity or accuracy on")
-    tensors = to_tensors(test, text, labels)
-
-    confidence, fit, _ = fit_confidence(model, spec, labels, text, ood_quantile)
-    wrapper = InferenceWrapper(model, OODHead(fit)).eval()
-    test_out = Outputs(*_test_outputs(model, tensors))
-    probs = softmax(test_out.logits)
-    temperature = confidence["calibration"]["temperature"]
-    confidence["calibration"]["ece_test_before"] = ece(probs, test_out.targets)
-    confidence["calibration"]["ece_test_after"] = ece(softmax(test_out.logits, temperature), test_out.targets)
-    confidence["ood"]["flagged"] = {"test": float((fit.distances(test_out.features) > fit.threshold).mean()),
-                                    "val": 1.0 - ood_quantile}
-
+    p = prepare(checkpoint, data, ood_quantile)
     out = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
     try:
         onnx_path = tmp / "model.onnx"
-        _onnx_export(wrapper, onnx_path, model.cfg.image_size)
-        import onnx
-
-        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
-        parity = check_parity(wrapper, onnx_path, test.images[:PARITY_SAMPLES], tensors.ids[:PARITY_SAMPLES],
-                              text.max_len, text.vocab_size, ood_scale=fit.threshold)
-        log.info("parity (max abs diff): %s", parity)
-        if parity["max"] > PARITY_ATOL:
-            raise ExportError(f"onnxruntime vs torch parity failed: max abs diff {parity['max']:.2e} > {PARITY_ATOL:.0e} ({parity})")
+        parity = build_and_verify(p, onnx_path)
         load_s = _load_seconds(onnx_path)
-
-        text.tokenizer.save(str(tmp / "tokenizer.json"))
-        report = classification_report(test_out.targets, probs.argmax(-1), labels)
-        (tmp / "eval_report.json").write_text(jsonsafe.dumps(report, indent=2))
-        plot_confusion(report, tmp / "confusion_matrix.png", f"{name} ({model.cfg.mode}) on test")
+        p.text.tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "eval_report.json").write_text(jsonsafe.dumps(p.report, indent=2))
+        plot_confusion(p.report, tmp / "confusion_matrix.png", f"{name} ({p.model.cfg.mode}) on test")
         for f in extra_files or []:
             shutil.copy(f, tmp / f.name)
-        metrics = {model.cfg.mode: {"test_acc": report["accuracy"], "macro_f1": report["macro_f1"], "n_test": report["n"]}}
-        if ablation:
-            metrics = {**ablation, **metrics}
-        manifest = _manifest(model, ckpt, text, labels, name, version, sources, trained, test, skipped, metrics, parity)
-        manifest.update(confidence)
-        backbone = _backbone_entry(ckpt, model.cfg.image_size)
-        if backbone:
-            manifest["backbone"] = backbone
-        manifest["serving"] = {"model_bytes": onnx_path.stat().st_size, "session_load_s": round(load_s, 3)}
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-        (tmp / MANIFEST).write_text(jsonsafe.dumps(manifest, indent=2) + "\n")
+        metrics = {p.model.cfg.mode: {"test_acc": p.report["accuracy"], "macro_f1": p.report["macro_f1"], "n_test": p.report["n"]}}
+        manifest = build_manifest(p, name, version, {**(ablation or {}), **metrics}, parity)
+        manifest.serving = {"model_bytes": onnx_path.stat().st_size, "session_load_s": round(load_s, 3)}
+        manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST}
+        written = manifest.to_dict()
+        (tmp / MANIFEST).write_text(jsonsafe.dumps(written, indent=2) + "\n")
         write_atomically(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (%s, test accuracy %.4f, %.1f MB) to %s", name, model.cfg.mode, report["accuracy"],
-             manifest["serving"]["model_bytes"] / 1e6, out)
-    return manifest
+    log.info("exported %s (%s, test accuracy %.4f, %.1f MB) to %s", name, p.model.cfg.mode, p.report["accuracy"],
+             manifest.serving["model_bytes"] / 1e6, out)
+    return written
 
 
 @torch.no_grad()
@@ -338,16 +365,18 @@ def _load_seconds(onnx_path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _manifest(model: FusedClassifier, ckpt: dict[str, Any], text: TextEncoder, labels: list[str], name: str,
-              version: str | None, sources: list[str], trained: dict[str, Any], test: Any, skipped: Any,
-              metrics: dict[str, Any], parity: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(p: Prepared, name: str, version: str | None, metrics: dict[str, Any],
+                   parity: dict[str, Any]) -> Manifest:
+    """The artifact's contract as one object (``files`` and ``serving`` are filled in once written)."""
     import onnx
     import onnxruntime
     import tokenizers
 
+    model, ckpt, text, labels, sources, trained, test, skipped = (p.model, p.ckpt, p.text, p.labels, p.sources,
+                                                                   p.trained, p.test, p.skipped)
     tc, size = ckpt["train_config"], model.cfg.image_size
     backbone = model.cfg.backbone != "none"
-    return {
+    return Manifest.from_dict({
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "version": version or unique_version(model.state_dict()),
@@ -386,7 +415,10 @@ def _manifest(model: FusedClassifier, ckpt: dict[str, Any], text: TextEncoder, l
                      "batch_size": tc["batch_size"]},
         "libraries": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                       "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()},
-    }
+        **p.confidence,
+        "backbone": _backbone_entry(ckpt, size) or {},
+        "files": {},
+    })
 
 
 def build_parser() -> argparse.ArgumentParser:

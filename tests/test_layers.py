@@ -72,3 +72,14 @@ def test_benchmarks_ship_neither_in_the_package_nor_in_the_image() -> None:
     copies = [line for line in dockerfile.splitlines() if line.startswith("COPY ") and "--from" not in line]
     assert any("classifier_core/" in c for c in copies) and any("service/" in c for c in copies)
     assert not any(x in c for c in copies for x in ("benchmarks", "model_training", "tests", " . "))
+
+
+def test_the_serving_package_knows_no_protocol() -> None:
+    # service/serving/ (backends, repository) is below the edges: no web framework, no gRPC, no routes
+    bad = {}
+    for path in sorted((ROOT / "service" / "serving").rglob("*.py")):
+        text = path.read_text()
+        hits = imported_modules(path, "service") & {"fastapi", "starlette", "uvicorn", "grpc", "http"}
+        if hits or "from ..routes" in text or "from ..errors" in text or "from ..grpc_v2" in text:
+            bad[path.name] = sorted(hits) or ["an edge module"]
+    assert not bad, bad

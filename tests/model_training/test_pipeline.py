@@ -161,3 +161,14 @@ def test_cli_help(command: str | None) -> None:
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def test_the_written_manifest_is_the_readers_object_whole(tiny_artifact: Path) -> None:
+    # export writes Manifest(...).to_dict(): nothing in manifest.json is a key the reader drops
+    import json
+
+    from classifier_core.artifact import Manifest
+
+    written = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert Manifest.from_dict(written).to_dict() == written
+    assert {"parity", "training", "serving", "calibration", "ood"} <= set(written)
