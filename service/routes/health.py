@@ -59,7 +59,7 @@ def describe(info: ModelInfo, settings: Settings) -> dict[str, Any]:
 
 
 @router.get("/model", response_model=ModelInfoBody, summary="The default model, every loaded model, and the service limits",
-            responses=error_responses(401, 503))
+            responses=error_responses(401, 404, 503))
 async def model_info(pipeline: PipelineDep, settings: SettingsDep, model: ModelName = None, version: ModelVersion = None) -> Any:
     default = pipeline.model(model, version).info
     repo = pipeline.repository

@@ -21,8 +21,10 @@ async function errorMessage(resp) {
   return `HTTP ${resp.status}`;
 }
 
+let chosen = "";  // "" = the service's default model; else "model=...&version=..."
+
 async function loadModel() {
-  const resp = await fetch("/model", { headers: headers() });
+  const resp = await fetch(`/model${chosen ? "?" + chosen : ""}`, { headers: headers() });
   if (resp.status === 401) {
     $("key-row").hidden = false;
     $("model-name").textContent = "enter the API key to see the model";
@@ -33,6 +35,17 @@ async function loadModel() {
   $("model-name").textContent = m.name;
   $("model-version").textContent = `version ${m.version} · ${m.providers[0] || ""}`;
   $("trained-on").textContent = m.trained_on || "";
+  const models = m.models || [];
+  if (models.length > 1 && !$("model-pick").options.length) {  // a repository: let the user pick
+    $("model-pick").replaceChildren(...models.map((x) => {
+      const o = document.createElement("option");
+      o.value = `model=${encodeURIComponent(x.name)}&version=${encodeURIComponent(x.version)}`;
+      o.textContent = `${x.name} ${x.version}${x.default && x.name === m.default_model ? " (default)" : ""}`;
+      o.selected = x.name === m.name && x.version === m.version;
+      return o;
+    }));
+    $("model-row").hidden = false;
+  }
   if (m.example_caption) $("description").placeholder = m.example_caption;  // this model's own kind of caption
   const abstention = m.abstention || {};
   $("min-confidence").value = Math.round(100 * (abstention.min_confidence || 0));
@@ -93,7 +106,7 @@ async function classify(event) {
   $("submit").disabled = true;
   try {
     const minConfidence = Math.min(100, Math.max(0, Number($("min-confidence").value) || 0)) / 100;
-    const query = `top_k=${$("top-k").value}&explain=true&min_confidence=${minConfidence}`;
+    const query = `top_k=${$("top-k").value}&explain=true&min_confidence=${minConfidence}${chosen ? "&" + chosen : ""}`;
     const resp = await fetch(`/classify?${query}`, { method: "POST", body: form, headers: headers() });
     if (!resp.ok) {
       if (resp.status === 401) $("key-row").hidden = false;
@@ -115,4 +128,5 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); setFile(e.dataTransfer.files[0]); });
 $("api-key").addEventListener("change", loadModel);
 $("form").addEventListener("submit", classify);
+$("model-pick").addEventListener("change", () => { chosen = $("model-pick").value; loadModel(); });
 loadModel();
