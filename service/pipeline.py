@@ -214,10 +214,14 @@ class Pipeline:
         # the request's time budget: a row still waiting for a decode thread when it runs out gets 504,
         # so a batch of slow images costs at most this much of the decode pool, not a minute of it
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_ms / 1000
-        with self.admission.admit(len(rows)), self.repository.use(model):
-            # one row (the common case) skips gather's task per row
-            answers = ([await self._row(model, rows[0], deadline)] if len(rows) == 1
-                       else list(await asyncio.gather(*(self._row(model, r, deadline) for r in rows))))
+        with self.admission.admit(len(rows)):
+            model.inflight += 1  # a replaced version is closed once this is back to 0
+            try:
+                # one row (the common case) skips gather's task per row
+                answers = ([await self._row(model, rows[0], deadline)] if len(rows) == 1
+                           else list(await asyncio.gather(*(self._row(model, r, deadline) for r in rows))))
+            finally:
+                self.repository.release(model)
         info = model.info
         for a in answers:
             self.metrics.rows.labels(info.name, info.version, "ok" if isinstance(a, Prediction) else a.code).inc()

@@ -182,6 +182,8 @@ class Repository:
         self.generation = 0  # of the control file, as applied here
         self._tasks: list[asyncio.Task[None]] = []
         self._signatures: dict[str, tuple[tuple[str, int, int], ...]] = {}  # failed versions: their files then
+        self.pinned: dict[str, str | None] = {}  # name -> default_version from its model.json
+        self._default: Loaded | None = None  # the default model's default version, worked out at every swap
 
     # --- reading -----------------------------------------------------------------------
     def loaded(self) -> Iterator[Loaded]:
@@ -192,10 +194,7 @@ class Repository:
         versions = self.models.get(name)
         if not versions:
             return None
-        pinned = None
-        if self.settings.model_repository is not None:
-            with contextlib.suppress(ArtifactError, OSError):
-                pinned = read_policy(Path(self.settings.model_repository) / name)[1]
+        pinned = self.pinned.get(name)  # read from model.json when the model was (re)loaded, never per request
         if pinned in versions:
             return versions[pinned]
         return versions[max(versions, key=_version_key)]
@@ -207,7 +206,7 @@ class Repository:
 
     def resolve(self, name: str | None = None, version: str | None = None) -> Loaded:
         """The version a request is served by: ModelNotFound for unknown names, NotReady while loading."""
-        loaded = self.find(name, version)
+        loaded = self._default if name is None and version is None and self._default is not None else self.find(name, version)
         if not loaded.ready:
             raise NotReady(f"model {loaded.info.key} is not ready (state: {loaded.backend.state})")
         return loaded
@@ -242,15 +241,12 @@ class Repository:
         default = self.default_version(name) if name else None
         return default is not None and default.ready
 
-    @contextlib.contextmanager
-    def use(self, loaded: Loaded) -> Iterator[None]:
-        loaded.inflight += 1
-        try:
-            yield
-        finally:
-            loaded.inflight -= 1
-            if loaded.inflight == 0:
-                loaded.drained.set()
+    @staticmethod
+    def release(loaded: Loaded) -> None:
+        """A request that resolved to ``loaded`` is answered (the pipeline counts ``loaded.inflight`` up)."""
+        loaded.inflight -= 1
+        if loaded.inflight == 0:
+            loaded.drained.set()
 
     def index(self) -> list[dict[str, Any]]:
         """Triton's repository index: every version found or loaded, with its state."""
@@ -276,6 +272,9 @@ class Repository:
                 if name not in self.unloaded:
                     await self._apply(name, versions, strict=False)
         self.state = "ready"
+        if self.default_model and self.default_model not in self.models:
+            log.warning("the default model %r is not loaded (loaded: %s): requests that name no model get 404",
+                        self.default_model, ", ".join(sorted(self.models)) or "none")
         if self.context.control_dir:
             self._write_applied()
             self._tasks.append(asyncio.create_task(self._watch_control(), name="repository-control"))
@@ -326,6 +325,8 @@ class Repository:
         """Bring ``name`` to its policy's versions: load what is missing (old versions serve meanwhile), then swap."""
         try:
             want = wanted(self.settings, versions)
+            if self.settings.model_repository is not None:
+                self.pinned[name] = read_policy(Path(self.settings.model_repository) / name)[1]
         except ArtifactError as exc:
             self.failed[name] = str(exc)
             if strict:
@@ -370,6 +371,11 @@ class Repository:
     async def _load_one(self, c: Candidate) -> Loaded:
         backend = self.make_backend(c)
         info = await anyio.to_thread.run_sync(backend.load)
+        if not backend.ready and self.state == "ready":
+            # a version that comes later must be ready before it takes over (the owner process could not
+            # load it, say); at start a worker keeps it and becomes ready when its owner is back
+            backend.close()
+            raise ArtifactError(f"{c.directory}: loaded but not ready ({backend.state}: {backend.error or 'see the log'})")
         batcher = self.make_batcher(backend, info)
         await batcher.start()
         self.metrics.model_info.labels(info.name, info.version, info.provider).set(1)
@@ -384,6 +390,9 @@ class Repository:
         if versions:
             models[name] = versions
         self.models = models
+        default = self.default_name()
+        self._default = self.default_version(default) if default else None
+        self._tasks = [t for t in self._tasks if not t.done()]
         kept = {id(v) for v in versions.values()}
         for lo in old.values():
             if id(lo) not in kept:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import running_server
+from helpers import make_repository, running_server
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
@@ -113,6 +113,31 @@ def test_demo_page_asks_for_the_api_key(browser: Browser, tiny_artifact: Path) -
         page.dispatch_event("#api-key", "change")
         page.wait_for_selector("#labels .label-chip")
         assert page.inner_text("#model-name") == "tiny"
+        page.close()
+
+
+def test_demo_page_lets_the_user_pick_a_model_of_the_repository(browser: Browser, tiny_artifact: Path, tmp_path: Path) -> None:
+    import json
+
+    base = json.loads((tiny_artifact / "manifest.json").read_text())["labels"]
+    repo = make_repository(tmp_path / "repo", {"alpha": {"1": tiny_artifact}, "beta": {"1": tiny_artifact}},
+                           labels={"beta/1": [f"beta-{x}" for x in base]})
+    image = tmp_path / "red.png"
+    Image.new("RGB", (120, 90), (210, 30, 25)).save(image)
+    with running_server(repo, "--model-repository", str(repo), CLASSIFIER_WORKERS="1") as (_, url):
+        page, blocked = offline_page(browser, url, viewport=PHONE)
+        page.goto(f"{url}/")
+        page.wait_for_selector("#model-row:not([hidden])")
+        assert page.inner_text("#model-name") == "alpha"
+        assert page.locator("#model-pick option").all_inner_texts() == ["alpha 1 (default)", "beta 1"]
+        page.select_option("#model-pick", label="beta 1")
+        page.wait_for_function("document.getElementById('model-name').textContent === 'beta'")
+        assert page.locator("#labels .label-chip").first.inner_text().startswith("beta-")
+        page.set_input_files("#image", str(image))
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])")
+        assert all(x.startswith("beta-") for x in page.locator("#bars .bar .label").all_inner_texts())
+        assert blocked == []
         page.close()
 
 

@@ -219,3 +219,25 @@ def test_a_new_version_dropped_in_takes_over_with_no_failed_request_on_every_wor
             with pytest.raises(tg.InferenceServerException) as e:
                 g.infer(name, [img], model_version=version, headers=dict(meta))
             assert e.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_the_owner_topology_serves_the_repository_and_loads_new_versions_on_demand(tiny_artifact: Path, tmp_path: Path) -> None:
+    # one owner process holds every version's session; the workers' repositories decide what is served
+    base = labels_of(tiny_artifact)
+    repo = make_repository(tmp_path / "repo", {"alpha": {"1": tiny_artifact}, "beta": {"1": tiny_artifact}},
+                           labels={"beta/1": [f"beta-{x}" for x in base]})
+    with running_server(repo, "--model-repository", str(repo), "--poll-repository", "0.2", "--workers", "2",
+                        CLASSIFIER_TOPOLOGY="owner") as (_, url), httpx.Client(base_url=url, timeout=30) as c:
+        assert classify(c).json()["model"] == {"name": "alpha", "version": "1"}
+        beta = classify(c, model="beta").json()
+        assert beta["model"]["name"] == "beta" and all(p["label"].startswith("beta-") for p in beta["predictions"])
+        assert [p["score"] for p in beta["predictions"]] == [p["score"] for p in classify(c).json()["predictions"]]
+        shutil.copytree(tiny_artifact, tmp_path / "incoming")
+        (tmp_path / "incoming").rename(repo / "alpha" / "2")  # not in the owner at start: loaded when asked for
+        deadline = time.monotonic() + 30
+        seen: list[Any] = []
+        while time.monotonic() < deadline and seen[-20:] != ["2"] * 20:
+            r = classify(c)
+            seen.append(r.json()["model"]["version"] if r.status_code == 200 else r.status_code)
+        assert set(seen) <= {"1", "2"}, seen  # every answer a 200, from the old version or the new one
+        assert seen[-20:] == ["2"] * 20
