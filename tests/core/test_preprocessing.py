@@ -248,3 +248,21 @@ def test_alpha_is_composited_on_white_as_before() -> None:
     arr = load_image(encode(im, "PNG"), S)
     assert tuple(int(x) for x in arr[S // 2, 2]) == (0, 0, 255)
     assert tuple(int(x) for x in arr[S // 2, S - 3]) == (255, 255, 255)
+
+
+def test_progressive_jpegs_are_told_from_their_frame_header() -> None:
+    # the inline-decode check walks the header segments; it must agree with what Pillow wrote
+    from classifier_core.images import is_progressive_jpeg
+
+    im = Image.effect_noise((320, 240), 60).convert("RGB")
+    for kw, progressive in (({}, False), ({"progressive": True}, True), ({"optimize": True}, False),
+                            ({"progressive": True, "quality": 30}, True)):
+        data = encode(im, "JPEG", **kw)
+        assert is_progressive_jpeg(data) is progressive, kw
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
+    assert is_progressive_jpeg(encode(im, "JPEG", exif=exif.tobytes())) is False
+    assert is_progressive_jpeg(encode(im, "JPEG", exif=exif.tobytes(), progressive=True)) is True
+    # anything the walk cannot follow is left to the decoder in a thread (True), never decoded inline
+    for broken in (b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\x00\x00\x00\x00", b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8" + b"\xff" * 100):
+        assert is_progressive_jpeg(broken) is True
