@@ -17,6 +17,7 @@ from fastapi import APIRouter, Path
 from ..codes import ServiceError
 from ..deps import PipelineDep, SettingsDep
 from ..settings import Settings
+from .v2 import v2_error_responses
 
 router = APIRouter(prefix="/v2/repository", tags=["model repository"])
 ModelPath = Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the model's folder name")]
@@ -32,13 +33,15 @@ def require_control(settings: Settings) -> None:
         raise Forbidden("the repository API changes what the service serves: set CLASSIFIER_API_KEY to use it")
 
 
-@router.get("/index", summary="Every model version in the repository, with its state")
-@router.post("/index", summary="Every model version in the repository, with its state (Triton's method)")
+@router.get("/index", summary="Every model version in the repository, with its state", responses=v2_error_responses(401))
+@router.post("/index", summary="Every model version in the repository, with its state (Triton's method)",
+             responses=v2_error_responses(401))
 async def index(pipeline: PipelineDep) -> Any:
     return pipeline.repository.index()
 
 
-@router.post("/models/{name}/load", summary="Load (or reload) a model's versions from its folder")
+@router.post("/models/{name}/load", summary="Load (or reload) a model's versions from its folder",
+             responses=v2_error_responses(401, 403, 404, 422, 503))
 async def load(name: ModelPath, pipeline: PipelineDep, settings: SettingsDep) -> Any:
     require_control(settings)
     infos = await pipeline.repository.load(name)
@@ -46,7 +49,8 @@ async def load(name: ModelPath, pipeline: PipelineDep, settings: SettingsDep) ->
                                       "memory_bytes": i.memory_bytes} for i in infos]}
 
 
-@router.post("/models/{name}/unload", summary="Stop serving a model (in-flight requests finish first)")
+@router.post("/models/{name}/unload", summary="Stop serving a model (in-flight requests finish first)",
+             responses=v2_error_responses(401, 403, 404, 503))
 async def unload(name: ModelPath, pipeline: PipelineDep, settings: SettingsDep) -> Any:
     require_control(settings)
     await pipeline.repository.unload(name)

@@ -93,7 +93,7 @@ class V2ErrorBody(BaseModel):
     code: str = Field(description="the service's error code (the same as on /classify)")
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def v2_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": V2ErrorBody, "description": "the protocol's error shape"} for s in statuses}
 
 
@@ -324,7 +324,7 @@ async def live() -> Any:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server readiness", responses=_errors(503))
+@router.get("/health/ready", summary="Server readiness", responses=v2_error_responses(503))
 async def ready(pipeline: PipelineDep) -> Any:
     return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
 
@@ -406,7 +406,8 @@ async def infer(request: Request, pipeline: PipelineDep, name: str, version: str
 
 
 for _prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-    router.add_api_route(_prefix, model_metadata, methods=["GET"], summary="Model metadata", responses=_errors(404, 503))
-    router.add_api_route(_prefix + "/ready", model_ready, methods=["GET"], summary="Model readiness", responses=_errors(404, 503))
+    router.add_api_route(_prefix, model_metadata, methods=["GET"], summary="Model metadata", responses=v2_error_responses(404, 503))
+    router.add_api_route(_prefix + "/ready", model_ready, methods=["GET"], summary="Model readiness",
+                         responses=v2_error_responses(404, 503))
     router.add_api_route(_prefix + "/infer", infer, methods=["POST"], summary="Inference (JSON or binary tensor data)",
-                         responses=_errors(400, 401, 404, 413, 422, 500, 503, 504))
+                         responses=v2_error_responses(400, 401, 404, 413, 422, 500, 503, 504))

@@ -131,7 +131,7 @@ def test_demo_page_lets_the_user_pick_a_model_of_the_repository(browser: Browser
         assert page.inner_text("#model-name") == "alpha"
         assert page.locator("#model-pick option").all_inner_texts() == ["alpha 1 (default)", "beta 1"]
         page.select_option("#model-pick", label="beta 1")
-        page.wait_for_function("document.getElementById('model-name').textContent === 'beta'")
+        page.wait_for_selector("#model-name:text-is('beta')")
         assert page.locator("#labels .label-chip").first.inner_text().startswith("beta-")
         page.set_input_files("#image", str(image))
         page.click("#submit")
