@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -41,7 +41,7 @@ from classifier_core.text import EncodedText
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
 from .codes import InvalidField, Overloaded, ServiceError, http_status
 from .metrics import Metrics
-from .serving.base import Backend, ModelInfo, Prediction, WorkerContext
+from .serving.base import Backend, BatchBackend, ModelInfo, Prediction, RowSink, WorkerContext
 from .serving.repository import Candidate, Loaded, Repository
 from .settings import Settings
 
@@ -153,12 +153,16 @@ class Pipeline:
 
         return Predictor(self.settings, c.directory, name, version)
 
-    def _batcher(self, backend: Backend, info: ModelInfo) -> Batcher:
+    def _batcher(self, backend: Backend, info: ModelInfo) -> RowSink:
+        """A batcher before a session; the owner client takes rows as they come (the owner batches them)."""
+        if hasattr(backend, "submit"):
+            return cast(RowSink, backend)
+        engine = cast(BatchBackend, backend)
         latency = self.metrics.inference_latency.labels(info.name, info.version)
 
         def infer(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
             with latency.time():
-                return backend.predict(images, texts)
+                return engine.predict(images, texts)
 
         s = self.settings
         return Batcher(infer, self.metrics, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
@@ -357,7 +361,7 @@ class Pipeline:
                 t.cancel()
 
     @staticmethod
-    async def _submit(batcher: Batcher, prepared: Prepared) -> Prediction:
+    async def _submit(batcher: RowSink, prepared: Prepared) -> Prediction:
         try:
             return await batcher.submit(prepared.image, prepared.text)
         except QueueFull as exc:

@@ -96,8 +96,7 @@ class Prediction:
 
 class Backend(Protocol):
     """One model version's engine: ``session.Predictor`` in this process, ``owner.RemotePredictor``
-    in front of the owner process. ``load`` verifies the artifact and returns what it loaded;
-    ``predict`` is called from the batcher's thread, one batch at a time."""
+    in front of the owner process. ``load`` verifies the artifact and returns what it loaded."""
 
     error: str | None
 
@@ -106,8 +105,25 @@ class Backend(Protocol):
     @property
     def state(self) -> str: ...  # not_loaded -> loading -> ready | failed (the owner client: also owner_unavailable...)
     def load(self) -> ModelInfo: ...
-    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]: ...
     def close(self) -> None: ...
+
+
+class BatchBackend(Backend, Protocol):
+    """A backend that runs whole batches (the in-process session): the pipeline puts a Batcher before it.
+    ``predict`` is called from the batcher's thread, one batch at a time."""
+
+    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]: ...
+
+
+class RowSink(Protocol):
+    """Where the pipeline submits one decoded row: a ``Batcher`` (in front of a BatchBackend), or the
+    owner client itself (the owner process batches the rows of every worker)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction: ...
+    @property
+    def depth(self) -> int: ...
 
 
 def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:

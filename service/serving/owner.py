@@ -1,14 +1,16 @@
 """The owner topology: N HTTP/decode workers, one process per device that owns the model session.
 
-Workers do what they do in the per-worker topology (parse, validate, admit, decode, tokenize,
-batch their own rows) but their batcher's engine is ``RemotePredictor``: it writes the batch's
-pixels into a shared-memory slab (a file on ``/dev/shm`` that the worker and the owner both
-map) and sends only the token ids and a few numbers over a Unix socket. The owner merges what
-every worker sent meanwhile into one onnxruntime call (one CUDA context on a GPU, large
-batches) and answers each worker with its own rows' probabilities and attention.
+Workers do what they do in the per-worker topology (parse, validate, admit, decode, tokenize)
+but do not batch: ``RemotePredictor`` stands where a model's batcher stands, writes each row's
+pixels into a free slot of a shared-memory slab (a file on ``/dev/shm`` that the worker and the
+owner both map) and sends only the slot numbers and the token ids over a Unix socket (the rows
+of one turn of its event loop in one message), several messages in flight. The owner merges what
+every worker sent meanwhile into one onnxruntime call (one CUDA
+context on a GPU, large batches): rows are batched once on their way to the model, and each row is
+answered alone (its probabilities, attention and the size of the batch it ran in).
 
 Guarantees kept from the per-worker pipeline: row isolation (a merged call that fails is run
-again worker batch by worker batch, and the worker's batcher then goes row by row); a worker
+again row by row, so only a failing row fails); a worker
 never waits for ever (the owner's answer has the request timeout); a dead owner turns into 503
 ``not_ready`` for the rows in flight and readiness false until the supervisor has restarted it
 and the worker has reconnected; on SIGTERM the workers drain first, then the owner stops.
@@ -25,6 +27,7 @@ once, over a fresh connection, and no request fails during the switch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import mmap
@@ -45,9 +48,10 @@ import numpy as np
 from classifier_core.artifact import load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
+from ..batcher import BatchFailed, QueueTimeout, Stopped
 from ..settings import Settings
 from . import wire
-from .base import EngineUnavailable, ModelInfo, Prediction, predictions
+from .base import ModelInfo, Prediction, predictions
 from .session import Predictor
 from .wire import BEAT, HEAD, HEARTBEAT_S, HEARTBEAT_TIMEOUT_S, allocate_slab, manifest_digest, shm_dir
 
@@ -62,16 +66,20 @@ class _ConnectionLost(Exception):
 
 
 class RemotePredictor:
-    """Stands where ``Predictor`` stands in a worker; the session lives in the owner process.
+    """Stands where ``Predictor`` and its batcher stand in a worker; the session lives in the owner process.
 
-    A background thread (re)connects whenever there is no connection; ``ready`` never blocks.
-    Each connection gets a fresh slab file, unlinked as soon as both sides have mapped it, so a
-    killed worker or owner leaves nothing in /dev/shm.
+    Rows are not batched here: each row is written into a free slot of the connection's slab and sent
+    at the end of the event loop's turn (the rows submitted in one turn share a message: framing, with
+    no size or delay to wait for), several messages in flight, so the owner's batch loop is the only
+    batching on the way to the model. A reader thread per connection hands each answer back to the
+    event loop by request id. A background thread (re)connects whenever there is no connection;
+    ``ready`` never blocks. Each connection gets a fresh slab file, unlinked as soon as both sides have
+    mapped it, so a killed worker or owner leaves nothing in /dev/shm.
     """
 
     HANDSHAKE_TIMEOUT_S = 120.0  # the owner loads a model it does not hold yet before it answers
     CONNECT_WAIT_S = 5.0  # at start, for the first connection
-    RESEND_WAIT_S = 1.0  # after the owner closed under a request: how long a resend may wait for the next owner
+    RESEND_WAIT_S = 1.0  # after the owner closed under a row: how long a resend may wait for the next owner
 
     def __init__(self, settings: Settings, address: str, model_dir: Path | None = None, name: str | None = None,
                  version: str | None = None) -> None:
@@ -79,6 +87,8 @@ class RemotePredictor:
         self.address = address
         self.model_dir = Path(model_dir or settings.model_dir).resolve()
         self.name, self.version = name, version
+        # rows in flight to the owner per connection (their pixels wait in the slab until answered)
+        self.slots = max(1, min(settings.max_queue, settings.owner_max_batch))
         self.manifest: Any = None
         self.text: TextEncoder | None = None
         self.providers: list[str] = []
@@ -86,18 +96,26 @@ class RemotePredictor:
         self.digest = ""
         self._conn: Connection | None = None
         self._slab: mmap.mmap | None = None
+        self._beat: mmap.mmap | None = None  # the owner's heartbeat, read-only
+        self._gen = 0  # connection generation: answers and losses of an old connection are ignored
+        self._free: list[int] = []  # free slab slots of the current connection
+        # request id -> (connection generation, its rows: (future, slot, tokens)); the outbox: rows of this loop turn
+        self._pending: dict[int, tuple[int, list[tuple[asyncio.Future[Prediction], int, EncodedText]]]] = {}
+        self._outbox: list[tuple[asyncio.Future[Prediction], int, EncodedText]] = []
+        self._flush_due = False
         self._next_id = 0
-        self._lock = threading.Lock()  # one request at a time on the connection
+        self._lock = threading.Lock()  # connection state, slots and pending rows (loop, reader, reconnect threads)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slot_freed: asyncio.Event | None = None
         self._loaded = False
         self._closed = threading.Event()
         self._mismatch_logged = False
         self._shm_logged = False
-        self._beat: mmap.mmap | None = None  # the owner's heartbeat, read-only
 
-    # the Backend interface
+    # --- the Backend interface ---------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._loaded and self._alive() and self._beating()
+        return self._loaded and self._conn is not None and self._beating()
 
     @property
     def state(self) -> str:
@@ -140,27 +158,176 @@ class RemotePredictor:
         return ModelInfo(self.name or m.name, self.version or m.version, m, self.text, model_dir,
                          tuple(self.providers) or ("owner",), None, round(time.perf_counter() - t0, 3))
 
+    def close(self) -> None:
+        self._closed.set()
+        self._drop(self._gen)
+
+    # --- the batcher's interface: rows go straight to the owner -------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slot_freed = asyncio.Event()
+
+    async def stop(self) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+            outbox, self._outbox = self._outbox, []
+        for _, rows in pending:
+            for fut, _, _ in rows:
+                _fail(fut, Stopped("the service is shutting down"))
+        for fut, _, _ in outbox:
+            _fail(fut, Stopped("the service is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
+
+    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_ms / 1000
+        try:
+            return await self._send(image, text, deadline)
+        except _ConnectionLost:  # the owner stopped under this row (a SIGHUP switch): once more, to its successor
+            wait_until = loop.time() + self.RESEND_WAIT_S
+            while self._conn is None and loop.time() < wait_until:
+                await asyncio.sleep(0.05)  # the reconnect thread connects to the successor
+            try:
+                return await self._send(image, text, deadline)
+            except _ConnectionLost:
+                raise Stopped("the model owner process closed the connection") from None
+
+    async def _send(self, image: np.ndarray, text: EncodedText, deadline: float) -> Prediction:
+        if self._conn is None or not self._beating():
+            raise Stopped("the model owner process is not available (restarting?)" if self._conn is None else
+                          f"the model owner process has not answered for over {HEARTBEAT_TIMEOUT_S:g} s")
+        loop = asyncio.get_running_loop()
+        gen, slot = await self._take_slot(deadline)
+        fut: asyncio.Future[Prediction] = loop.create_future()
+        with self._lock:
+            slab = self._slab
+            if gen != self._gen or slab is None:
+                raise _ConnectionLost
+            row = image.nbytes
+            np.frombuffer(slab, np.uint8, row, slot * row)[:] = image.reshape(-1)
+            self._outbox.append((fut, slot, text))
+        if not self._flush_due:
+            # the rows submitted in this turn of the event loop travel in one message: framing, not a
+            # batching policy (nothing waits for company; the owner's batch loop is the one batching)
+            self._flush_due = True
+            loop.call_soon(self._flush, gen)
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except TimeoutError:  # a silent owner is not worth a second wait: drop, reconnect
+            self._drop(gen)
+            raise Stopped("the model owner process stopped answering (TimeoutError)") from None
+
+    def _flush(self, gen: int) -> None:
+        self._flush_due = False
+        with self._lock:
+            rows, self._outbox = self._outbox, []
+        rows = [r for r in rows if not r[0].done()] if rows else rows
+        if rows:
+            self._post(gen, rows)
+
+    def _post(self, gen: int, rows: list[tuple[asyncio.Future[Prediction], int, EncodedText]]) -> None:
+        """One message for ``rows`` (slots written already); a lost connection fails them for a resend."""
+        assert self.text is not None
+        with self._lock:
+            conn = self._conn
+            if gen != self._gen or conn is None:
+                conn = None
+            else:
+                self._next_id += 1
+                rid = self._next_id
+                self._pending[rid] = (gen, rows)
+        if conn is None:
+            for fut, _, _ in rows:
+                _fail(fut, _ConnectionLost())
+            return
+        try:
+            conn.send_bytes(wire.request(rid, self.text.pad([t for _, _, t in rows]), [s for _, s, _ in rows]))
+        except (OSError, ValueError):
+            self._lost(gen)
+
+    async def _take_slot(self, deadline: float) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        assert self._slot_freed is not None  # started
+        while True:
+            with self._lock:
+                if self._conn is None:
+                    raise _ConnectionLost
+                if self._free:
+                    return self._gen, self._free.pop()
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise QueueTimeout(f"every one of the {self.slots} rows to the model owner is in flight") from None
+
+    # --- answers (the reader thread hands them to the loop) -----------------------------
+    def _read_loop(self, conn: Connection, gen: int) -> None:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (OSError, EOFError, ValueError):
+                self._lost(gen)
+                return
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._answer, gen, data)
+
+    def _answer(self, gen: int, data: bytes) -> None:
+        rid, n, _, status, batch = HEAD.unpack_from(data)
+        with self._lock:
+            entry = self._pending.pop(rid, None) if gen == self._gen else None
+        if entry is None:
+            return
+        _, rows = entry
+        if status != 0 and len(rows) > 1:
+            # row isolation: the rows of a failed message go again one by one, so only a failing row fails
+            for r in rows:
+                self._post(gen, [r])
+            return
+        with self._lock:
+            if gen == self._gen:
+                self._free.extend(slot for _, slot, _ in rows)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+        if status != 0:
+            _fail(rows[0][0], BatchFailed(data[HEAD.size :].decode(errors="replace")[:200]))
+            return
+        try:
+            if n != len(rows):
+                raise ValueError
+            probs, attn, ood = wire.read_reply(data, len(self.manifest.labels))
+        except ValueError:
+            self._drop(gen)
+            for fut, _, _ in rows:
+                _fail(fut, Stopped("the model owner's answer does not match the request (another model?)"))
+            return
+        for (fut, _, _), p in zip(rows, predictions(probs, attn, ood, [t for _, _, t in rows]), strict=True):
+            p.batch_size = batch
+            if not fut.done():
+                fut.set_result(p)
+
+    def _lost(self, gen: int) -> None:
+        """The connection of generation ``gen`` ended: its rows in flight are sent once more (``submit``)."""
+        with self._lock:
+            if gen != self._gen:
+                return
+            pending, self._pending = list(self._pending.values()), {}
+        self._drop(gen)
+        loop = self._loop
+        if loop is None:
+            return
+        for _, rows in pending:
+            for fut, _, _ in rows:
+                loop.call_soon_threadsafe(_fail, fut, _ConnectionLost())
+
+    # --- the connection ----------------------------------------------------------------
     def _reconnect_loop(self) -> None:
         while not self._closed.wait(0.2):
             if self._conn is None:
                 self._connect()
-
-    def _alive(self) -> bool:
-        """Connected, and the owner has not closed its end (checked only between requests)."""
-        conn = self._conn
-        if conn is None:
-            return False
-        if self._lock.acquire(blocking=False):
-            try:
-                if conn.poll(0):  # readable with no request outstanding: the owner went away
-                    self._drop()
-                    return False
-            except OSError:
-                self._drop()
-                return False
-            finally:
-                self._lock.release()
-        return True
 
     def _connect(self) -> bool:
         assert self.manifest is not None
@@ -168,39 +335,47 @@ class RemotePredictor:
         with self._lock:
             if self._conn is not None:
                 return True
+        try:
+            fd, path = tempfile.mkstemp(prefix=wire.SLAB_PREFIX, dir=shm_dir())
+        except OSError as exc:
+            self._log_shm(exc)
+            return False
+        try:
+            size = self.slots * side * side * 3
             try:
-                fd, path = tempfile.mkstemp(prefix=wire.SLAB_PREFIX, dir=shm_dir())
+                allocate_slab(fd, size)
             except OSError as exc:
-                self._log_shm(exc)
+                self._log_shm(exc, size)
                 return False
-            try:
-                size = self.settings.max_batch_size * side * side * 3
-                try:
-                    allocate_slab(fd, size)
-                except OSError as exc:
-                    self._log_shm(exc, size)
-                    return False
-                slab = mmap.mmap(fd, size)
-                conn = Client(self.address, family="AF_UNIX")
-                conn.send((path, os.getpid(), self.digest, str(self.model_dir)))
-                if not conn.poll(self.HANDSHAKE_TIMEOUT_S):
-                    raise TimeoutError
-                providers, digest, beat_path = conn.recv()
-                beat = self._map_beat(beat_path)
-            except (OSError, EOFError, TimeoutError, ValueError):
-                return False
-            finally:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)  # both sides have mapped it (or the attempt failed): nothing to leave behind
-            if digest != self.digest:
-                if not self._mismatch_logged:
-                    log.warning("the model owner serves another artifact (%s, this worker %s): not ready", digest, self.digest)
-                    self._mismatch_logged = True
-                conn.close()
-                return False
+            slab = mmap.mmap(fd, size)
+            conn = Client(self.address, family="AF_UNIX")
+            conn.send((path, os.getpid(), self.digest, str(self.model_dir)))
+            if not conn.poll(self.HANDSHAKE_TIMEOUT_S):
+                raise TimeoutError
+            providers, digest, beat_path = conn.recv()
+            beat = self._map_beat(beat_path)
+        except (OSError, EOFError, TimeoutError, ValueError):
+            return False
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # both sides have mapped it (or the attempt failed): nothing to leave behind
+        if digest != self.digest:
+            if not self._mismatch_logged:
+                log.warning("the model owner serves another artifact (%s, this worker %s): not ready", digest, self.digest)
+                self._mismatch_logged = True
+            conn.close()
+            return False
+        with self._lock:
+            self._gen += 1
+            gen = self._gen
             self._conn, self._slab, self._beat, self.providers = conn, slab, beat, list(providers)
+            self._free = list(range(self.slots))
             self._mismatch_logged = self._shm_logged = False
+        threading.Thread(target=self._read_loop, args=(conn, gen), daemon=True, name="owner-answers").start()
+        loop, freed = self._loop, self._slot_freed
+        if loop is not None and freed is not None:
+            loop.call_soon_threadsafe(freed.set)  # rows waiting for a slot see the new connection
         log.info("connected to the model owner (%s)", self.providers[0] if self.providers else "?")
         return True
 
@@ -220,77 +395,21 @@ class RemotePredictor:
         finally:
             os.close(fd)
 
-    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
-        assert self.text is not None
-        n = len(encoded)
-        if n > self.settings.max_batch_size:  # the batcher never sends more; split rather than overrun the slab
-            step = self.settings.max_batch_size
-            return [p for s in range(0, n, step) for p in self.predict(images[s : s + step], encoded[s : s + step])]
-        ids = self.text.pad(encoded)
-        try:
-            reply = self._exchange(images, ids)
-        except _ConnectionLost:  # the owner stopped under this request (a SIGHUP switch): once more, on a fresh one
-            deadline = time.monotonic() + self.RESEND_WAIT_S
-            while not self._connect() and time.monotonic() < deadline:
-                time.sleep(0.05)  # the successor may be a moment from accepting
-            try:
-                reply = self._exchange(images, ids)
-            except _ConnectionLost:
-                raise EngineUnavailable("the model owner process closed the connection") from None
-        return self._read_reply(reply, n, encoded)
-
-    def _exchange(self, images: np.ndarray, ids: np.ndarray) -> bytes:
-        if not self._alive() and not self._connect():  # one immediate try: the owner may be back already
-            raise EngineUnavailable("the model owner process is not available (restarting?)")
-        if not self._beating():
-            raise EngineUnavailable(f"the model owner process has not answered for over {HEARTBEAT_TIMEOUT_S:g} s")
+    def _drop(self, gen: int) -> None:
+        """Forget the connection of generation ``gen`` (a newer one is left alone)."""
         with self._lock:
-            conn, slab = self._conn, self._slab
-            if conn is None or slab is None:
-                raise EngineUnavailable("the model owner process is not available (restarting?)")
-            np.frombuffer(slab, np.uint8, images.size).reshape(images.shape)[:] = images
-            self._next_id += 1
-            try:
-                conn.send_bytes(wire.request(self._next_id, ids))
-                if not conn.poll(self.settings.request_timeout_ms / 1000):
-                    raise TimeoutError
-                reply = conn.recv_bytes()
-            except TimeoutError:  # an OSError too: first, a silent owner is not worth a second wait
-                self._drop()
-                raise EngineUnavailable("the model owner process stopped answering (TimeoutError)") from None
-            except (OSError, EOFError) as exc:
-                self._drop()
-                raise _ConnectionLost from exc
-            if HEAD.unpack_from(reply)[0] != self._next_id:
-                self._drop()
-                raise EngineUnavailable("the model owner's answer did not match the request")
-            return reply
+            if gen != self._gen or self._conn is None:
+                return
+            conn, self._conn, self._slab, self._beat = self._conn, None, None, None
+            self._free = []
+        with contextlib.suppress(OSError):
+            conn.close()
+        log.warning("lost the model owner; reconnecting")
 
-    def _read_reply(self, reply: bytes, n: int, encoded: list[EncodedText]) -> list[Prediction]:
-        _, rows, _, status = HEAD.unpack_from(reply)
-        if rows != n:
-            self._drop()
-            raise EngineUnavailable("the model owner's answer did not match the request")
-        if status != 0:
-            raise RuntimeError(reply[HEAD.size :].decode(errors="replace"))
-        try:
-            probs, attn, ood = wire.read_reply(reply, len(self.manifest.labels))
-        except ValueError:
-            self._drop()
-            raise EngineUnavailable("the model owner's answer has the wrong size (another model?)") from None
-        return predictions(probs, attn, ood, encoded)
 
-    def _drop(self) -> None:
-        """Forget the connection (the caller holds the lock or owns the connection's failure)."""
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-            log.warning("lost the model owner; reconnecting")
-        self._conn, self._slab, self._beat = None, None, None
-
-    def close(self) -> None:
-        self._closed.set()
-        self._drop()
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 # --- the owner's side ----------------------------------------------------------------
@@ -435,11 +554,17 @@ class Owner:
             manifest = held.predictor.manifest
             assert manifest is not None  # _hold returns loaded models only
             side = manifest.image_size
+            row = side * side * 3
             while True:
                 msg = conn.recv_bytes()
-                rid, n, width, _ = HEAD.unpack_from(msg)
-                ids = np.frombuffer(msg, np.int64, n * width, HEAD.size).reshape(n, width)
-                images = np.frombuffer(slab, np.uint8, n * side * side * 3).reshape(n, side, side, 3)
+                rid, n, width, _, _ = HEAD.unpack_from(msg)
+                at = HEAD.size + wire.slots_bytes(n)
+                slots = np.frombuffer(msg, np.uint32, n, HEAD.size)
+                if len(msg) != at + 8 * n * width or n == 0 or int(slots.max()) >= len(slab) // row:
+                    log.warning("refused a malformed message from pid %s", pid)
+                    return
+                ids = np.frombuffer(msg, np.int64, n * width, at).reshape(n, width)
+                images = np.frombuffer(slab, np.uint8).reshape(-1, side, side, 3)[slots]  # a copy of these rows
                 self.jobs.put(_Job(conn, rid, held, images, ids))
         except (OSError, EOFError, ValueError):
             return  # the worker went away: its rows were answered or are lost with it
@@ -497,17 +622,17 @@ class Owner:
         try:
             probs, attn, ood = predictor.run_arrays(np.concatenate([j.images for j in jobs]), ids)
         except Exception as exc:
-            if len(jobs) > 1:  # isolation: each worker's batch on its own, so one bad batch fails alone
+            if len(jobs) > 1:  # isolation: each row (job) on its own, so a bad row fails alone
                 for j in jobs:
                     self._run([j])
                 return
             log.error("inference failed for a batch of %d: %s", len(ids), exc)
             self._reply(jobs[0], wire.failure(jobs[0].rid, len(jobs[0].ids), "inference failed for this batch"))
             return
-        at = 0
+        at, total = 0, len(ids)
         for j in jobs:
             n, w = j.ids.shape
-            self._reply(j, wire.reply(j.rid, probs[at : at + n], attn[at : at + n, :w], ood[at : at + n]))
+            self._reply(j, wire.reply(j.rid, probs[at : at + n], attn[at : at + n, :w], ood[at : at + n], total))
             at += n
 
     def _reply(self, job: _Job, data: bytes) -> None:

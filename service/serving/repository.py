@@ -42,11 +42,10 @@ import anyio
 
 from classifier_core.artifact import ArtifactError, load_manifest
 
-from ..batcher import Batcher
 from ..codes import ModelNotFound, NotReady, ServiceError, truncate
 from ..metrics import Metrics
 from ..settings import Settings
-from .base import Backend, ModelInfo, ProviderError, WorkerContext
+from .base import Backend, ModelInfo, ProviderError, RowSink, WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class Loaded:
 
     info: ModelInfo
     backend: Backend
-    batcher: Batcher
+    batcher: RowSink  # a Batcher before a session, or the owner client (the owner batches)
     inflight: int = 0  # requests that resolved to it and have not been answered
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -166,7 +165,7 @@ class Repository:
     """The versions this worker serves, by name; see the module's docstring for how the set changes."""
 
     def __init__(self, settings: Settings, metrics: Metrics, context: WorkerContext,
-                 make_backend: Callable[[Candidate], Backend], make_batcher: Callable[[Backend, ModelInfo], Batcher]) -> None:
+                 make_backend: Callable[[Candidate], Backend], make_batcher: Callable[[Backend, ModelInfo], RowSink]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.context = context
