@@ -473,7 +473,9 @@ class Owner:
         with self._models_lock:
             held.connections -= 1
         if held.connections == 0 and held.predictor.model_dir not in self.preload:
-            threading.Timer(self.UNLOAD_GRACE_S, self._unload_if_unused, args=(held,)).start()
+            timer = threading.Timer(self.UNLOAD_GRACE_S, self._unload_if_unused, args=(held,))
+            timer.daemon = True  # a pending unload must not hold the owner's exit back by its grace
+            timer.start()
 
     def _unload_if_unused(self, held: _Held) -> None:
         with self._models_lock:
