@@ -18,6 +18,12 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+# the outputs the service reads, by name (an artifact may list them in any order); the OOD score's
+# name is the manifest's own (``ood.output``)
+PROBABILITIES = "probabilities"
+ATTENTION = "text_attention"
+
+
 class ArtifactError(RuntimeError):
     """The artifact is missing, corrupt or inconsistent; the message names the file."""
 
@@ -169,6 +175,13 @@ def load_manifest(model_dir: str | Path, verify_checksums: bool = True) -> Manif
     for required in (manifest.model_file, manifest.tokenizer_file):
         if required not in manifest.files:
             raise ArtifactError(f"{path}: 'files' does not list {required}")
+    inside = model_dir.resolve()
+    for name in manifest.files:
+        # every file the artifact names is in its folder: never a path the service would read (and hash)
+        # elsewhere on the server, through "..", an absolute name or a symlink
+        rel = Path(name)
+        if not name or rel.is_absolute() or ".." in rel.parts or not (inside / rel).resolve().is_relative_to(inside):
+            raise ArtifactError(f"{path}: 'files' names {name[:200]!r}, which is not inside the artifact's folder")
     if verify_checksums:
         for name, expected in manifest.files.items():
             f = model_dir / name

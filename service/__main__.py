@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["default_model"] = args.default_model
     try:
         settings = Settings(**overrides)
+        if settings.grpc_host is None:  # gRPC listens where HTTP does, unless CLASSIFIER_GRPC_HOST says otherwise
+            settings = settings.model_copy(update={"grpc_host": args.host})
     except ValidationError as exc:  # a mistyped setting: one line naming the variable, exit 2
         wrong = "; ".join(f"CLASSIFIER_{'_'.join(str(x) for x in e['loc']).upper()}: {e['msg']}"
                           + (f" (got {e['input']!r})" if isinstance(e.get("input"), str | int | float) else "")

@@ -9,7 +9,9 @@ Guarantees: each caller gets exactly its own row's result (futures are paired wi
 by position, never by content); when an onnxruntime call fails, the batch is run again row
 by row, so only the rows that fail on their own get ``BatchFailed``; a full queue refuses at
 once (``QueueFull``); a row that waited longer than ``timeout_s`` is answered
-``QueueTimeout`` without being run; rows still queued at shutdown get ``Stopped``.
+``QueueTimeout`` without being run. ``stop()`` answers every row the batcher holds (queued, or in
+the batch being collected or run) with ``Stopped``, and so is every row submitted after it: no
+caller is left waiting on a future nobody will answer.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class Batcher:
         self.limiter = limiter or anyio.CapacityLimiter(1)
         self._queue: asyncio.Queue[_Row] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._current: list[_Row] = []  # the batch being collected or run (answered by stop() if it is cut short)
+        self._stopped = False
         self.in_flight = 0  # rows taken off the queue whose batch has not answered yet
 
     @property
@@ -88,7 +92,8 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "the model version was unloaded or the service is shutting down") -> None:
+        self._stopped = True  # from here on submit() refuses at once
         if self._task is not None:
             self._task.cancel()
             try:
@@ -96,12 +101,17 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        held = list(self._current)
+        self._current = []
         while self._queue is not None and not self._queue.empty():
-            row = self._queue.get_nowait()
+            held.append(self._queue.get_nowait())
+        for row in held:
             if not row.future.done():
-                row.future.set_exception(Stopped("the service is shutting down"))
+                row.future.set_exception(Stopped(reason))
 
     async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
+        if self._stopped:
+            raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self._queue.qsize() >= self.max_queue:
@@ -114,7 +124,7 @@ class Batcher:
     async def _collect(self) -> list[_Row]:
         assert self._queue is not None
         first = await self._queue.get()
-        rows = [first]
+        rows = self._current = [first]
         deadline = time.perf_counter() + self.max_delay_s
         while len(rows) < self.max_batch_size:
             try:
@@ -141,6 +151,7 @@ class Batcher:
                 for r in rows:
                     if not r.future.done():
                         r.future.set_exception(BatchFailed("inference failed for this row"))
+            self._current = []
 
     async def _serve(self, rows: list[_Row]) -> None:
         now = time.perf_counter()

@@ -58,9 +58,11 @@ class BodyAborted(ServiceError):
 class _Exchange:
     """One request's answer: the status it got, whether it started, the body error that must win."""
 
-    def __init__(self, send: Callable[[Message], Any], request_id: str, path: str, headers: dict[bytes, bytes]) -> None:
+    def __init__(self, send: Callable[[Message], Any], request_id: str, path: str, headers: dict[bytes, bytes],
+                 draining: bool = False) -> None:
         self._send = send
         self.request_id, self.path = request_id, path
+        self.draining = draining  # the worker is shutting down: the connection is not kept for another request
         self.status = http_status("internal_error")  # until the app answers
         self.started = False
         self.override = False  # our body error replaced the framework's answer
@@ -97,8 +99,10 @@ class _Exchange:
             self.status, self.started = message["status"], True
             hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
             hdrs += [(b"x-request-id", self.request_id.encode()), (b"x-content-type-options", b"nosniff")]
-            if self.has_body and not self.body_done and not any(k.lower() == b"connection" for k, _ in hdrs):
-                # answered before its body was read: close, or the client could trickle the rest for ever
+            if (self.draining or (self.has_body and not self.body_done)) and not any(k.lower() == b"connection" for k, _ in hdrs):
+                # answered before its body was read: close, or the client could trickle the rest for ever.
+                # Draining: close after the answer, so that no client sends its next request on a connection
+                # the worker is about to close (a reset the client cannot tell from a failure)
                 hdrs.append((b"connection", b"close"))
             message = {**message, "headers": hdrs}
         elif message["type"] == "http.response.body" and self.override:
@@ -218,7 +222,7 @@ class RequestContextMiddleware:
         request_id = incoming if _SANE_ID.match(incoming) else f"{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         path, method = scope["path"], scope["method"]
-        ex = _Exchange(send, request_id, path, headers)
+        ex = _Exchange(send, request_id, path, headers, self.pipeline is not None and self.pipeline.draining)
         if not tracing_active():
             await self._handle(scope, receive, ex, headers, method, start)
             return

@@ -101,6 +101,26 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
+def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
+    """glibc: blocks of ``threshold`` bytes and more come from mmap and go back to the system when freed.
+
+    By default glibc raises its mmap threshold to the largest block freed (up to 32 MiB), so after one
+    burst of large uploads or gRPC messages their buffers are carved from the heap and a worker keeps
+    its peak size for good (seen: 2.6 GB after 32 calls of 30 MB). A fixed threshold ends that, for
+    the price of a fresh mapping per large block. False where the C library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def serve_socket(settings: Settings, sock: socket.socket, preloaded: dict[Path, Backend] | None = None,
                  ready: Connection | None = None, context: WorkerContext | None = None) -> int:
     """Serve on ``sock`` in this process until shut down; returns the process's exit code.
@@ -109,6 +129,7 @@ def serve_socket(settings: Settings, sock: socket.socket, preloaded: dict[Path, 
     """
     from .app import create_app
 
+    return_large_blocks_to_the_os()
     # uvicorn re-raises the signal that stopped it after its graceful shutdown; after a clean
     # drain the process should exit 0, which orchestrators read as a normal stop. A signal that
     # arrives before uvicorn has installed its own handlers is remembered and acted on once it has.

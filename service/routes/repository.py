@@ -5,7 +5,8 @@ state; ``POST /v2/repository/models/{name}/load`` (re)loads a model's versions f
 ``.../unload`` stops serving it. Load and unload change what the service serves, so they need the
 API key, and are refused (403) on a service that has none. A request body (Triton's optional load
 parameters) is not read. The answer comes once every worker process has applied the change
-(``serving/repository.py``).
+(``serving/repository.py``); ``pending_workers`` lists the worker processes that had not within the
+request timeout (empty normally: they apply it as soon as they can, in the same order).
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ async def index(pipeline: PipelineDep) -> Any:
              responses=v2_error_responses(401, 403, 404, 422, 503))
 async def load(name: ModelPath, pipeline: PipelineDep, settings: SettingsDep) -> Any:
     require_control(settings)
-    infos = await pipeline.repository.load(name)
+    infos, pending = await pipeline.repository.load(name)
     return {"name": name, "loaded": [{"version": i.version, "load_seconds": i.load_seconds,
-                                      "memory_bytes": i.memory_bytes} for i in infos]}
+                                      "memory_bytes": i.memory_bytes} for i in infos],
+            "pending_workers": pending}
 
 
 @router.post("/models/{name}/unload", summary="Stop serving a model (in-flight requests finish first)",
              responses=v2_error_responses(401, 403, 404, 503))
 async def unload(name: ModelPath, pipeline: PipelineDep, settings: SettingsDep) -> Any:
     require_control(settings)
-    await pipeline.repository.unload(name)
-    return {"name": name, "unloaded": True}
+    pending = await pipeline.repository.unload(name)
+    return {"name": name, "unloaded": True, "pending_workers": pending}

@@ -240,7 +240,8 @@ def parameter_min_confidence(parameters: dict[str, Any], pipeline: Pipeline) -> 
     value = parameters.get("min_confidence")
     if value is None:
         return pipeline.min_confidence()
-    if type(value) not in (int, float) or not 0.0 <= float(value) <= 1.0:
+    # compared before float(): a 401-digit integer is out of range, not an OverflowError (a 500)
+    if type(value) not in (int, float) or not 0 <= value <= 1:
         raise _bad("parameter min_confidence must be a number between 0 and 1")
     return float(value)
 
@@ -259,6 +260,8 @@ def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
         binary = (o.parameters or {}).get("binary_data", default_binary)
         if type(binary) is not bool:
             raise _bad(f"output '{o.name}': parameter binary_data must be a boolean")
+        if any(name == o.name for name, _ in selection):
+            raise _bad(f"output '{o.name}' is requested more than once")
         selection.append((o.name, binary))
     return selection
 

@@ -108,6 +108,7 @@ class RemotePredictor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slot_freed: asyncio.Event | None = None
         self._loaded = False
+        self._stopped = False  # stop(): every row held is answered, every later one refused
         self._closed = threading.Event()
         self._mismatch_logged = False
         self._shm_logged = False
@@ -168,20 +169,26 @@ class RemotePredictor:
         self._slot_freed = asyncio.Event()
 
     async def stop(self) -> None:
+        reason = "the model version was unloaded or the service is shutting down"
         with self._lock:
+            self._stopped = True
             pending, self._pending = list(self._pending.values()), {}
             outbox, self._outbox = self._outbox, []
         for _, rows in pending:
             for fut, _, _ in rows:
-                _fail(fut, Stopped("the service is shutting down"))
+                _fail(fut, Stopped(reason))
         for fut, _, _ in outbox:
-            _fail(fut, Stopped("the service is shutting down"))
+            _fail(fut, Stopped(reason))
+        if self._slot_freed is not None:
+            self._slot_freed.set()  # rows waiting for a slot see the stop
 
     @property
     def depth(self) -> int:
         return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
 
     async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
+        if self._stopped:
+            raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_ms / 1000
         try:
@@ -204,6 +211,8 @@ class RemotePredictor:
         fut: asyncio.Future[Prediction] = loop.create_future()
         with self._lock:
             slab = self._slab
+            if self._stopped:
+                raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
             if gen != self._gen or slab is None:
                 raise _ConnectionLost
             row = image.nbytes
@@ -224,7 +233,13 @@ class RemotePredictor:
         self._flush_due = False
         with self._lock:
             rows, self._outbox = self._outbox, []
-        rows = [r for r in rows if not r[0].done()] if rows else rows
+            gone = [slot for fut, slot, _ in rows if fut.done()]  # callers that went away (cancelled, timed out)
+            if gone and gen == self._gen:
+                self._free.extend(gone)  # their slots go back: nothing will answer them
+        if gone:
+            rows = [r for r in rows if not r[0].done()]
+            if self._slot_freed is not None:
+                self._slot_freed.set()
         if rows:
             self._post(gen, rows)
 
@@ -253,6 +268,8 @@ class RemotePredictor:
         assert self._slot_freed is not None  # started
         while True:
             with self._lock:
+                if self._stopped:
+                    raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
                 if self._conn is None:
                     raise _ConnectionLost
                 if self._free:
@@ -311,17 +328,7 @@ class RemotePredictor:
 
     def _lost(self, gen: int) -> None:
         """The connection of generation ``gen`` ended: its rows in flight are sent once more (``submit``)."""
-        with self._lock:
-            if gen != self._gen:
-                return
-            pending, self._pending = list(self._pending.values()), {}
         self._drop(gen)
-        loop = self._loop
-        if loop is None:
-            return
-        for _, rows in pending:
-            for fut, _, _ in rows:
-                loop.call_soon_threadsafe(_fail, fut, _ConnectionLost())
 
     # --- the connection ----------------------------------------------------------------
     def _reconnect_loop(self) -> None:
@@ -396,12 +403,22 @@ class RemotePredictor:
             os.close(fd)
 
     def _drop(self, gen: int) -> None:
-        """Forget the connection of generation ``gen`` (a newer one is left alone)."""
+        """Forget the connection of generation ``gen`` (a newer one is left alone) and fail its rows in
+        flight for a resend, whichever thread noticed first (the reader, a timed-out row, the loop):
+        a row of a closed connection is never left waiting for an answer that cannot come."""
+        conn = None
         with self._lock:
-            if gen != self._gen or self._conn is None:
-                return
-            conn, self._conn, self._slab, self._beat = self._conn, None, None, None
-            self._free = []
+            orphans = [rid for rid, (g, _) in self._pending.items() if g == gen]
+            rows = [r for rid in orphans for r in self._pending.pop(rid)[1]]
+            if gen == self._gen and self._conn is not None:
+                conn, self._conn, self._slab, self._beat = self._conn, None, None, None
+                self._free = []
+        loop = self._loop
+        if rows and loop is not None:
+            for fut, _, _ in rows:
+                loop.call_soon_threadsafe(_fail, fut, _ConnectionLost())
+        if conn is None:
+            return
         with contextlib.suppress(OSError):
             conn.close()
         log.warning("lost the model owner; reconnecting")

@@ -16,12 +16,16 @@ assignment on the event loop: a request resolves its model once, before its rows
 and keeps that version to the end. A replaced version leaves the table at once and is closed when
 its last in-flight request has been answered.
 
-Several worker processes: each holds its own repository. Explicit loads and unloads are written to
-a control file the supervisor gives every worker (``WorkerContext.control_dir``); each worker applies
-the latest one within ``CONTROL_POLL_S`` and records the generation it applied, and the worker that
-took the API call answers once every live worker has applied it. Folder polls run in every worker
-on its own clock: during a version switch, for up to the poll interval, some workers answer with the
-old version and some with the new one (each answer names its version); none fails.
+Several worker processes: each holds its own repository. Explicit loads and unloads are operations
+in a log the supervisor gives every worker (``WorkerContext.control_dir``/ops): one file per
+operation, numbered by an atomic sequence (a hard link cannot replace an existing name, so two calls
+at once get two numbers and neither is lost). Every worker applies every operation in sequence order
+(the one that took the API call too, before it answers), so all reach the same state whatever the
+interleaving; a load reloads in every worker. Each worker records the last number it applied, and
+the API answers once every live worker has applied the call's, or says which have not. Folder polls
+run in every worker on its own clock: during a version switch, for up to the poll interval, some
+workers answer with the old version and some with the new one (each answer names its version);
+none fails.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ from .base import Backend, ModelInfo, ProviderError, RowSink, WorkerContext
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "model.json"
-CONTROL_FILE = "repository.json"
+OPS_FOLDER = "ops"  # in WorkerContext.control_dir: one file per load/unload, named by its sequence number
 CONTROL_POLL_S = 0.25
+OP_NAME = re.compile(r"(\d{12})\.json")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # folder names served as model names and versions
 
 
@@ -75,7 +80,8 @@ class Loaded:
     info: ModelInfo
     backend: Backend
     batcher: RowSink  # a Batcher before a session, or the owner client (the owner batches)
-    inflight: int = 0  # requests that resolved to it and have not been answered
+    files: tuple[tuple[str, int, int], ...] = ()  # its folder's signature when it was loaded: a change reloads it
+    inflight: int = 0  # leases: requests that resolved to it and have not been answered
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -108,7 +114,7 @@ def scan(settings: Settings) -> dict[str, list[Candidate]]:
     """name -> its version folders, oldest first (a single ``--model-dir``: the manifest's name and version)."""
     root = settings.model_repository
     if root is None:
-        model_dir = Path(settings.model_dir)
+        model_dir = Path(settings.model_dir).resolve()
         try:
             m = load_manifest(model_dir, verify_checksums=False)
             return {m.name: [Candidate(m.name, m.version, model_dir)]}
@@ -116,19 +122,21 @@ def scan(settings: Settings) -> dict[str, list[Candidate]]:
             return {model_dir.name: [Candidate(model_dir.name, "", model_dir)]}
     found: dict[str, list[Candidate]] = {}
     try:
-        models = sorted(p for p in Path(root).iterdir() if p.is_dir() and NAME.fullmatch(p.name))
+        # resolved once here, so that a relative, symlinked or slash-ended spelling names the same folders
+        models = sorted(p for p in Path(root).resolve().iterdir() if p.is_dir() and NAME.fullmatch(p.name))
     except OSError as exc:
         log.error("model repository %s: %s", root, exc.strerror or exc)
         return {}
     for folder in models:
         with contextlib.suppress(OSError):
             versions = [p for p in folder.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
-            found[folder.name] = [Candidate(folder.name, p.name, p) for p in sorted(versions, key=lambda p: _version_key(p.name))]
+            found[folder.name] = [Candidate(folder.name, p.name, p.resolve())
+                                  for p in sorted(versions, key=lambda p: _version_key(p.name))]
     return found
 
 
 def signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """The folder's files (name, size, mtime): a failed version is retried once this changes."""
+    """The folder's files (name, size, mtime): a loaded version is reloaded, a failed one retried, once this changes."""
     out = []
     with contextlib.suppress(OSError):
         for p in sorted(folder.iterdir()):
@@ -176,9 +184,8 @@ class Repository:
         self.unloaded: set[str] = set()  # unloaded through the API: polls leave them alone until loaded again
         self.state = "not_loaded"  # not_loaded -> loading -> ready
         self.default_model: str | None = settings.default_model
-        self._change = asyncio.Lock()  # one change at a time (API calls, polls, control file)
-        self._control_seen: tuple[int, int] | None = None
-        self.generation = 0  # of the control file, as applied here
+        self._change = asyncio.Lock()  # one change at a time (API calls, polls, the operations log)
+        self.applied_seq = 0  # the last operation of the log applied here
         self._tasks: list[asyncio.Task[None]] = []
         self._signatures: dict[str, tuple[tuple[str, int, int], ...]] = {}  # failed versions: their files then
         self.pinned: dict[str, str | None] = {}  # name -> default_version from its model.json
@@ -265,7 +272,7 @@ class Repository:
     async def start(self) -> None:
         """Load every model's wanted versions; the broken ones are reported and skipped."""
         self.state = "loading"
-        self._read_control()
+        self._replay_unloaded()
         async with self._change:
             for name, versions in scan(self.settings).items():
                 if name not in self.unloaded:
@@ -290,24 +297,48 @@ class Repository:
         for lo in old:
             await self._close(lo)
 
-    async def load(self, name: str) -> list[ModelInfo]:
-        """The repository API's load: (re)load ``name``'s wanted versions from its folder; LoadFailed if none loads."""
+    async def load(self, name: str) -> tuple[list[ModelInfo], list[int]]:
+        """The repository API's load: (re)load ``name``'s wanted versions from its folder, in every worker.
+        LoadFailed if none loads here; returns what serves and the workers that have not applied it yet."""
         async with self._change:
             versions = scan(self.settings).get(name)
             if not versions:
                 raise ModelNotFound(f"the repository has no model folder '{truncate(name)}' with a version in it")
-            self.unloaded.discard(name)
-            await self._apply(name, versions, strict=True, reload=True)
-            await self._publish()
-            return [lo.info for lo in self.models.get(name, {}).values()]
+            seq = await self._run_op("load", name)
+            infos = [lo.info for lo in self.models.get(name, {}).values()]
+        return infos, await self._wait_for_workers(seq)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str) -> list[int]:
+        """Stop serving ``name`` in every worker; returns the workers that have not applied it yet."""
         async with self._change:
             if name not in self.models and name not in {k.partition("/")[0] for k in self.failed}:
                 raise ModelNotFound(f"model '{truncate(name)}' is not loaded")
+            seq = await self._run_op("unload", name)
+        return await self._wait_for_workers(seq)
+
+    async def _run_op(self, op: str, name: str) -> int:
+        """An API call's operation: into the log, then every operation up to it applied here, in order
+        (so this worker ends where every other will). Its sequence number; 0 for a single process."""
+        if self._ops_dir() is None:
+            await self._do(op, name, strict=True)
+            return 0
+        seq = self._append_op(op, name)
+        await self._catch_up(strict_seq=seq)
+        return seq
+
+    async def _do(self, op: str, name: str, strict: bool) -> None:
+        """One operation, here (the caller holds ``_change``)."""
+        if op == "unload":
             self.unloaded.add(name)
             self._swap(name, {})
-            await self._publish()
+            return
+        self.unloaded.discard(name)
+        versions = scan(self.settings).get(name)
+        if not versions:
+            if strict:
+                raise ModelNotFound(f"the repository has no model folder '{truncate(name)}' with a version in it")
+            return
+        await self._apply(name, versions, strict=strict, reload=True)
 
     async def poll(self) -> None:
         """One folder scan (``--poll-repository``): new versions in, retired ones out, new models loaded."""
@@ -327,21 +358,26 @@ class Repository:
             if self.settings.model_repository is not None:
                 self.pinned[name] = read_policy(Path(self.settings.model_repository) / name)[1]
         except ArtifactError as exc:
-            self.failed[name] = str(exc)
+            self.failed[name] = self.public(str(exc))
             if strict:
-                raise LoadFailed(str(exc)) from None
+                raise LoadFailed(self.failed[name]) from None
             return
         current = dict(self.models.get(name, {}))
         new: dict[str, Loaded] = {}
         problems = []
         for c in want:
-            have = current.get(c.version)
-            if have is not None and have.info.directory == c.directory.resolve() and not reload:
-                new[c.version] = have
-                continue
+            have = current.get(c.version)  # loaded from the same resolved folder, or replaced: compared by content
             key = f"{name}/{c.version}"
-            if key in self.failed and not reload and not strict and self._signatures.get(key) == signature(c.directory):
-                continue  # a broken version is tried again once its files change (a copy still arriving) or on a load
+            files = signature(c.directory)
+            if have is not None and have.info.directory == c.directory and not reload and have.files == files:
+                new[c.version] = have  # the same folder, its files unchanged: nothing to do
+                continue
+            if key in self.failed and not reload and not strict and self._signatures.get(key) == files:
+                # a broken version is tried again once its files change (a copy still arriving) or on a load;
+                # meanwhile the version that served before serves on
+                if have is not None:
+                    new[c.version] = have
+                continue
             others = sum(1 for lo in self.loaded() if lo.info.name != name) + len(new)
             if others >= self.settings.max_loaded_models:
                 problems.append(f"{key}: {self.settings.max_loaded_models} model versions are loaded; the limit is "
@@ -349,15 +385,14 @@ class Repository:
                 self.failed[key] = problems[-1]
                 continue
             try:
-                new[c.version] = await self._load_one(c)
+                new[c.version] = await self._load_one(c, files)
                 self.failed.pop(key, None)
             except (ArtifactError, ProviderError, OSError) as exc:
                 log.error("model %s: cannot load (%s); %s", key, exc,
                           "the previous version serves on" if current else "not served")
-                # paths inside the repository, as a client names them (no absolute server paths in answers)
-                reason = str(exc).replace(f"{self.settings.model_repository}/", "")
+                reason = self.public(str(exc))
                 self.failed[key] = reason
-                self._signatures[key] = signature(c.directory)
+                self._signatures[key] = files
                 problems.append(f"{key}: {reason}")
                 if c.version in current:
                     new[c.version] = current[c.version]  # a failed reload leaves the running one in place
@@ -367,7 +402,20 @@ class Repository:
         if strict and problems:
             raise LoadFailed("; ".join(problems))
 
-    async def _load_one(self, c: Candidate) -> Loaded:
+    def public(self, text: str) -> str:
+        """A message for clients: paths inside the repository as a client names them (``NAME/VERSION/file``),
+        never the server's absolute paths."""
+        root = self.settings.model_repository
+        if root is None:  # a single --model-dir: its folder's name
+            model_dir = Path(self.settings.model_dir)
+            for spelling in {str(model_dir.resolve()), str(model_dir)}:
+                text = text.replace(spelling, model_dir.name)
+            return text
+        for spelling in sorted({str(Path(root).resolve()), str(root).rstrip("/")}, key=len, reverse=True):
+            text = text.replace(spelling + "/", "")
+        return text
+
+    async def _load_one(self, c: Candidate, files: tuple[tuple[str, int, int], ...] = ()) -> Loaded:
         backend = self.make_backend(c)
         info = await anyio.to_thread.run_sync(backend.load)
         if not backend.ready and self.state == "ready":
@@ -380,7 +428,7 @@ class Repository:
         self.metrics.model_info.labels(info.name, info.version, info.provider).set(1)
         log.info("model %s loaded in %.2f s (%s)", info.key, info.load_seconds,
                  f"{info.memory_bytes / 1e6:.0f} MB" if info.memory_bytes else "memory not measured")
-        return Loaded(info, backend, batcher)
+        return Loaded(info, backend, batcher, files)
 
     def _swap(self, name: str, versions: dict[str, Loaded]) -> None:
         """Replace ``name``'s version table in one assignment; what left it closes once drained."""
@@ -397,12 +445,21 @@ class Repository:
             if id(lo) not in kept:
                 self._tasks.append(asyncio.create_task(self._retire(lo), name=f"retire-{lo.info.key}"))
 
+    @property
+    def retire_wait_s(self) -> float:
+        """How long a replaced version waits for its leases: the longest a request may take (its body,
+        then its rows). Past it the version closes and its batcher answers what is left with 503."""
+        return self.settings.body_timeout_s + self.settings.request_timeout_ms / 1000
+
     async def _retire(self, lo: Loaded) -> None:
         t0 = time.perf_counter()
         if lo.inflight:
             lo.drained.clear()
-            with contextlib.suppress(TimeoutError):  # a request never outlives its own timeout by much
-                await asyncio.wait_for(lo.drained.wait(), 2 * self.settings.request_timeout_ms / 1000)
+            try:
+                await asyncio.wait_for(lo.drained.wait(), self.retire_wait_s)
+            except TimeoutError:
+                log.warning("model %s: %d requests still hold it %.0f s after it was replaced; they get 503 not_ready",
+                            lo.info.key, lo.inflight, self.retire_wait_s)
         await self._close(lo)
         log.info("model %s unloaded (%.2f s after it was replaced)", lo.info.key, time.perf_counter() - t0)
 
@@ -420,84 +477,119 @@ class Repository:
             except Exception as exc:  # a poll must never end the worker
                 log.error("repository poll failed: %s", exc, exc_info=exc)
 
-    # --- agreeing with the other workers -----------------------------------------------
-    def _control_path(self) -> Path | None:
-        return Path(self.context.control_dir) / CONTROL_FILE if self.context.control_dir else None
+    # --- agreeing with the other workers: the operations log ------------------------------
+    def _ops_dir(self) -> Path | None:
+        return Path(self.context.control_dir) / OPS_FOLDER if self.context.control_dir else None
 
-    def _read_control(self) -> dict[str, Any] | None:
-        path = self._control_path()
-        if path is None:
-            return None
+    def _ops(self, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """The log's operations numbered above ``after``, in order."""
+        folder = self._ops_dir()
+        if folder is None:
+            return []
+        out = []
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                m = OP_NAME.fullmatch(entry.name)
+                if m and int(m.group(1)) > after:
+                    with contextlib.suppress(OSError, ValueError):
+                        out.append((int(m.group(1)), json.loads(Path(entry.path).read_text())))
+        return sorted(out, key=lambda o: o[0])
+
+    def _latest_seq(self) -> int:
+        folder = self._ops_dir()
+        best = 0
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder) if folder else ():
+                m = OP_NAME.fullmatch(entry.name)
+                if m:
+                    best = max(best, int(m.group(1)))
+        return best
+
+    def _append_op(self, op: str, name: str) -> int:
+        """Add one operation to the log; its sequence number."""
+        folder = self._ops_dir()
+        assert folder is not None
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{os.getpid()}.tmp"
+        seq = self._latest_seq() + 1
         try:
-            st = path.stat()
-            if (st.st_mtime_ns, st.st_size) == self._control_seen:
-                return None
-            data = json.loads(path.read_text())
-            self._control_seen = (st.st_mtime_ns, st.st_size)
-        except (OSError, ValueError):
-            return None
-        if int(data.get("generation", 0)) <= self.generation:
-            return None
-        self.generation = int(data["generation"])
-        self.unloaded = set(data.get("unloaded", []))
-        return data
+            while True:
+                tmp.write_text(json.dumps({"op": op, "name": name, "pid": os.getpid()}))
+                try:
+                    os.link(tmp, folder / f"{seq:012d}.json")  # atomic, and never replaces: no number is given twice
+                    return seq
+                except FileExistsError:
+                    seq += 1  # another worker took this number a moment ago
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    async def _catch_up(self, strict_seq: int | None = None) -> None:
+        """Apply the log's new operations in order (the caller holds ``_change``); the one numbered
+        ``strict_seq`` (this worker's API call) raises its errors, the others are logged."""
+        for seq, op in self._ops(self.applied_seq):
+            strict = seq == strict_seq
+            try:
+                await self._do(str(op.get("op")), str(op.get("name")), strict)
+            except Exception as exc:
+                if strict:
+                    self.applied_seq = seq
+                    self._write_applied()
+                    raise
+                log.error("repository operation %d (%s %s) failed here: %s", seq, op.get("op"), op.get("name"), exc)
+            self.applied_seq = seq
+        self._write_applied()
+
+    def _replay_unloaded(self) -> None:
+        """At start: the models the log leaves unloaded (the last operation on each name wins)."""
+        for seq, op in self._ops():
+            name = str(op.get("name"))
+            if op.get("op") == "unload":
+                self.unloaded.add(name)
+            else:
+                self.unloaded.discard(name)
+            self.applied_seq = seq
 
     async def _watch_control(self) -> None:
         while True:
             await asyncio.sleep(CONTROL_POLL_S)
-            data = self._read_control()
-            if data is None:
+            if self._latest_seq() <= self.applied_seq:
                 continue
             try:
                 async with self._change:
-                    found = scan(self.settings)
-                    for name in data.get("reload", []):
-                        if name in found:
-                            await self._apply(name, found[name], strict=False, reload=name not in self.models)
-                    for name in self.unloaded:
-                        if name in self.models:
-                            self._swap(name, {})
+                    await self._catch_up()
             except Exception as exc:
-                log.error("applying the repository control file failed: %s", exc, exc_info=exc)
-            self._write_applied()
+                log.error("applying the repository operations failed: %s", exc, exc_info=exc)
 
-    async def _publish(self) -> None:
-        """Tell the other workers (control file), then wait until every live one has applied it."""
-        path = self._control_path()
-        if path is None:
-            return
-        self.generation = max(self.generation, self._latest_generation()) + 1
-        body = json.dumps({"generation": self.generation, "unloaded": sorted(self.unloaded),
-                           "reload": sorted(set(self.models))})
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(body)
-        os.replace(tmp, path)  # atomic: a reader sees the old or the new file
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            self._control_seen = (st.st_mtime_ns, st.st_size)
-        self._write_applied()
+    async def _wait_for_workers(self, seq: int) -> list[int]:
+        """Until every live worker has applied operation ``seq`` (bounded by the request timeout):
+        the pids of those that have not."""
+        if self._ops_dir() is None:
+            return []
         deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
-        while time.monotonic() < deadline and self._behind():
+        while (behind := self._behind(seq)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-
-    def _latest_generation(self) -> int:
-        path = self._control_path()
-        try:
-            return int(json.loads(path.read_text()).get("generation", 0)) if path else 0
-        except (OSError, ValueError):
-            return 0
+        if behind:
+            log.warning("repository operation %d: workers %s have not applied it within %.0f s", seq, behind,
+                        self.settings.request_timeout_ms / 1000)
+        return behind
 
     def _write_applied(self) -> None:
         if self.context.control_dir:
             with contextlib.suppress(OSError):
-                (Path(self.context.control_dir) / f"applied.{os.getpid()}").write_text(str(self.generation))
+                path = Path(self.context.control_dir) / f"applied.{os.getpid()}"
+                tmp = Path(self.context.control_dir) / f".applied.{os.getpid()}.tmp"
+                tmp.write_text(str(self.applied_seq))
+                os.replace(tmp, path)  # a reader never sees it empty
 
-    def _behind(self) -> list[int]:
-        """Live workers that have not applied this generation yet."""
+    def _behind(self, seq: int) -> list[int]:
+        """Live workers that have not applied operation ``seq`` yet."""
         behind = []
         for f in Path(str(self.context.control_dir)).glob("applied.*"):
+            if not f.suffix[1:].isdigit():
+                continue
             try:
-                pid, generation = int(f.suffix[1:]), int(f.read_text() or 0)
+                pid, applied = int(f.suffix[1:]), int(f.read_text() or 0)
                 os.kill(pid, 0)
             except ProcessLookupError:
                 with contextlib.suppress(OSError):
@@ -505,6 +597,6 @@ class Repository:
                 continue
             except (OSError, ValueError):
                 continue
-            if generation < self.generation:
+            if applied < seq:
                 behind.append(pid)
-        return behind
+        return sorted(behind)

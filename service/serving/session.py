@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from classifier_core.artifact import ArtifactError, Manifest, load_manifest
+from classifier_core.artifact import ATTENTION, PROBABILITIES, ArtifactError, Manifest, load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
 from ..settings import Settings
@@ -128,6 +128,9 @@ class Predictor:
         for name in ("image", "input_ids"):
             if name not in {i.name for i in manifest.inputs}:
                 raise ArtifactError(f"{model_path}: the model has no '{name}' input")
+        for name in (PROBABILITIES, ATTENTION):  # read by name, never by position
+            if name not in {o.name for o in manifest.outputs}:
+                raise ArtifactError(f"{model_path}: the model has no '{name}' output")
         img = next(i for i in sess.get_inputs() if i.name == "image").shape
         if list(img[1:]) != [manifest.image_size, manifest.image_size, 3]:
             raise ArtifactError(f"{model_path}: image input shape {img} does not match image_size {manifest.image_size}")
@@ -197,8 +200,8 @@ class Predictor:
         lengths = (self.manifest.max_len,) if self.fixed_shapes else (1, self.manifest.max_len)
         for batch in batches:
             for length in lengths:
-                probs = self.session.run(None, {"image": np.zeros((batch, size, size, 3), np.uint8),
-                                                "input_ids": np.full((batch, length), 2, np.int64)})[0]
+                probs = self.session.run([PROBABILITIES], {"image": np.zeros((batch, size, size, 3), np.uint8),
+                                                           "input_ids": np.full((batch, length), 2, np.int64)})[0]
                 width = probs.shape[1]
         return width
 
@@ -230,7 +233,8 @@ class Predictor:
                 if bucket > n:  # zero rows fill the bucket; their outputs are dropped
                     imgs = np.concatenate([imgs, np.zeros((bucket - n, *imgs.shape[1:]), imgs.dtype)])
                 batch_ids = full
-            outputs = self.session.run(None, {"image": imgs, "input_ids": batch_ids})
+            names = [PROBABILITIES, ATTENTION] if threshold is None else [PROBABILITIES, ATTENTION, str(self.manifest.ood["output"])]
+            outputs = self.session.run(names, {"image": imgs, "input_ids": batch_ids})
             probs_out.append(outputs[0][:n])
             attn_out.append(outputs[1][:n, :width])
             if threshold is not None:

@@ -66,10 +66,11 @@ def test_abstention_on_v2(server: str) -> None:
     assert out["ood_score"][0] < 1.0 < out["ood_score"][1]
     out = v2(server, [TOMATO, CAT], min_confidence=1.0)
     assert out["label"] == ["", ""] and out["abstained"] == [True, True]
-    r = httpx.post(f"{server}/v2/models/image-text-classifier/infer", json={
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(TOMATO).decode()]}],
-        "parameters": {"min_confidence": "high"}})
-    assert r.status_code == 400 and r.json()["code"] == "bad_request"
+    for wrong in ("high", 10**400, -1e-9, True):  # a 401-digit integer: out of range, not a float overflow (500)
+        r = httpx.post(f"{server}/v2/models/image-text-classifier/infer", json={
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(TOMATO).decode()]}],
+            "parameters": {"min_confidence": wrong}})
+        assert r.status_code == 400 and r.json()["code"] == "bad_request", (wrong, r.text)
     meta = httpx.get(f"{server}/v2/models/image-text-classifier").json()
     assert meta["parameters"]["ood_abstain"] is True and meta["parameters"]["temperature"] > 0
 

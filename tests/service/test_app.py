@@ -329,3 +329,20 @@ def test_inline_and_threaded_decoding_answer_alike(tiny_artifact: Path) -> None:
             assert_error(bad, 400, "invalid_image")
             answers.append(([{k: v for k, v in a.items() if k != "request_id"} for a in ok], bad.json()["error"]["code"]))
     assert answers[0] == answers[1]
+
+
+def test_pages_run_only_their_own_scripts_and_cannot_be_framed(client: TestClient) -> None:
+    """No inline script runs unless the page lists its hash; no other site may frame a page (the browser
+    tests render each page under this policy)."""
+    import base64
+    import hashlib
+    import re
+
+    for path in ("/", "/docs", "/redoc"):
+        r = client.get(path)
+        policy = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+        assert policy["frame-ancestors"] == "'none'" and policy["object-src"] == "'none'", path
+        scripts = policy["script-src"].split()
+        assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts, path
+        for body in re.findall(rb"<script>(.*?)</script>", r.content, re.S):  # each inline script, by its hash
+            assert f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'" in scripts, path

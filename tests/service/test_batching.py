@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +17,7 @@ from helpers import best_guess, calibrated, running_server, synthetic_samples
 from classifier_core.artifact import load_manifest
 from classifier_core.images import load_image
 from classifier_core.text import EncodedText, TextEncoder
-from service.batcher import Batcher, BatchFailed, QueueFull, QueueTimeout
+from service.batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
 from service.metrics import Metrics
 from service.serving.base import Prediction
 from service.serving.session import Predictor
@@ -114,13 +114,19 @@ def test_a_failing_row_fails_alone_and_rows_queued_behind_are_served(predictor: 
     assert calls == [2, 1, 1, 1, 1]
 
 
-def test_full_queue_and_queue_timeout(predictor: Predictor) -> None:
+def _slow_run(predictor: Predictor, seconds: float = 0.3) -> Callable[[np.ndarray, list[EncodedText]], list[Prediction]]:
+    """The real model, ``seconds`` slower per batch: time for the test to queue rows behind it."""
     real = _run_real(predictor)
-    text = predictor.encode(["tomato"])[0]
 
     def slow(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
-        time.sleep(0.3)
+        time.sleep(seconds)
         return real(images, texts)
+
+    return slow
+
+
+def test_full_queue_and_queue_timeout(predictor: Predictor) -> None:
+    slow, text = _slow_run(predictor), predictor.encode(["tomato"])[0]
 
     async def go() -> None:
         b = Batcher(slow, Metrics(), max_batch_size=1, max_delay_s=0.0, max_queue=2, timeout_s=0.2)
@@ -136,6 +142,28 @@ def test_full_queue_and_queue_timeout(predictor: Predictor) -> None:
         assert isinstance(results[0], Prediction)
         assert isinstance(results[1], QueueTimeout) and isinstance(results[2], QueueTimeout)
         await b.stop()
+
+    asyncio.run(go())
+
+
+def test_stop_answers_every_row_it_holds_and_every_later_one(predictor: Predictor) -> None:
+    """A retired version's batcher: the row in the running batch, the rows queued behind it and rows
+    submitted afterwards all get ``Stopped`` (503 not_ready), none waits for ever."""
+    slow, text = _slow_run(predictor), predictor.encode(["tomato"])[0]
+
+    async def go() -> None:
+        b = Batcher(slow, Metrics(), max_batch_size=1, max_delay_s=0.0, max_queue=8, timeout_s=10)
+        await b.start()
+        img = np.zeros((32, 32, 3), np.uint8)
+        running = asyncio.create_task(b.submit(img, text))
+        await asyncio.sleep(0.05)  # in the running batch
+        queued = [asyncio.create_task(b.submit(img, text)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        await b.stop()
+        results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 2)
+        assert all(isinstance(r, Stopped) for r in results), results
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(b.submit(img, text), 1)
 
     asyncio.run(go())
 

@@ -50,6 +50,10 @@ def offline_page(browser: Browser, url: str, **kw: Any) -> tuple[Page, list[str]
             r.abort()
 
     page.route("**/*", route)
+    # a script or style the page's Content-Security-Policy refuses shows as a console error: recorded too
+    # (images from elsewhere are refused on purpose: ReDoc's bundle asks its CDN for a logo)
+    page.on("console", lambda m: blocked.append(m.text) if m.type == "error" and "Content Security Policy" in m.text
+            and "img-src" not in m.text else None)
     return page, blocked
 
 

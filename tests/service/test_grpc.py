@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -199,15 +200,76 @@ def test_sigterm_lets_calls_in_flight_finish() -> None:
     assert results == [b"tomato"] * 4, results
 
 
+# The generator writes its own release into the stubs (grpcio-tools' version; protobuf's gencode
+# version and the runtime check that goes with it). Those lines say which generator ran, not what the
+# .proto means: they are compared as placeholders, everything else byte for byte.
+GENERATOR_LINES = [
+    (re.compile(r"(?m)^GRPC_GENERATED_VERSION = '[^']*'$"), "GRPC_GENERATED_VERSION = <grpcio-tools>"),
+    (re.compile(r"(?m)^# Protobuf Python Version: .*$"), "# Protobuf Python Version: <protobuf>"),
+    (re.compile(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*\d+,\s*\d+,\s*\d+,"),
+     "ValidateProtobufRuntimeVersion(<protobuf>,"),
+]
+STUBS = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
+
+
+def without_generator_release(text: str) -> str:
+    for pattern, placeholder in GENERATOR_LINES:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+def generate_stubs(proto_dir: Path, out: Path) -> dict[str, str]:
+    # grpcio-tools is in the dev extra: a missing generator is a failed install, not a skip
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={out}", f"--pyi_out={out}",
+                    f"--grpc_python_out={out}", "service/grpc_v2/inference.proto"], cwd=proto_dir, check=True)
+    return {name: (out / "service" / "grpc_v2" / name).read_text() for name in STUBS}
+
+
 def test_the_generated_stubs_match_the_proto() -> None:
-    grpc_tools = pytest.importorskip("grpc_tools")
-    assert grpc_tools
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={out}", f"--pyi_out={out}",
-                        f"--grpc_python_out={out}", "service/grpc_v2/inference.proto"], cwd=ROOT, check=True)
-        for name in ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"):
-            fresh = (Path(out) / "service" / "grpc_v2" / name).read_text()
-            assert fresh == (ROOT / "service" / "grpc_v2" / name).read_text(), f"{name} is stale: regenerate it (see the .proto)"
+        fresh = generate_stubs(ROOT, Path(out))
+    for name, text in fresh.items():
+        committed = (ROOT / "service" / "grpc_v2" / name).read_text()
+        assert without_generator_release(text) == without_generator_release(committed), \
+            f"{name} is stale: regenerate it (see the .proto)"
+
+
+def test_a_changed_proto_makes_the_stubs_stale() -> None:
+    """The comparison above still sees a real change: a new field and a new method in the .proto are caught."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = Path(tmp) / "service" / "grpc_v2" / "inference.proto"
+        proto.parent.mkdir(parents=True)
+        text = (ROOT / "service" / "grpc_v2" / "inference.proto").read_text()
+        changed = text.replace("message ServerLiveResponse {\n", "message ServerLiveResponse {\n  string extra = 99;\n", 1)
+        new_rpc = "  rpc ServerAlive(ServerLiveRequest) returns (ServerLiveResponse) {}\n"
+        changed = changed.replace("  rpc ServerLive(", new_rpc + "  rpc ServerLive(", 1)
+        assert changed != text
+        proto.write_text(changed)
+        (Path(tmp) / "out").mkdir()
+        fresh = generate_stubs(Path(tmp), Path(tmp) / "out")
+    stale = [name for name, t in fresh.items()
+             if without_generator_release(t) != without_generator_release((ROOT / "service" / "grpc_v2" / name).read_text())]
+    assert stale == list(STUBS)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def test_the_stubs_run_on_the_locked_and_declared_grpcio_and_protobuf() -> None:
+    """The stubs refuse to import on a grpcio older than their generator (and protobuf on an older runtime):
+    the service image's lock and the serve extra's floor must both satisfy them, or the image fails at start."""
+    grpc_stub = (ROOT / "service" / "grpc_v2" / "inference_pb2_grpc.py").read_text()
+    pb2 = (ROOT / "service" / "grpc_v2" / "inference_pb2.py").read_text()
+    grpc_needs = _version(re.search(r"(?m)^GRPC_GENERATED_VERSION = '([^']*)'", grpc_stub).group(1))
+    pb_needs = _version(re.search(r"(?m)^# Protobuf Python Version: (.*)$", pb2).group(1))
+    lock = (ROOT / "requirements" / "serve.lock").read_text()
+    locked = {m.group(1): _version(m.group(2)) for m in re.finditer(r"(?m)^(grpcio|protobuf)==(\S+)", lock)}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = {m.group(1): _version(m.group(2)) for m in re.finditer(r'"(grpcio|protobuf)>=([0-9.]+)', pyproject)}
+    assert locked["grpcio"] >= grpc_needs and floor["grpcio"] >= grpc_needs, (locked, floor, grpc_needs)
+    assert locked["protobuf"] >= pb_needs and floor["protobuf"] >= pb_needs, (locked, floor, pb_needs)
+    assert locked["protobuf"][0] == pb_needs[0]  # protobuf's gencode runs on its own major version only
 
 
 def test_every_worker_listens_on_the_grpc_port() -> None:
@@ -223,3 +285,103 @@ def test_every_worker_listens_on_the_grpc_port() -> None:
             c = tg.InferenceServerClient(f"127.0.0.1:{port}")
             assert c.infer(MODEL, inputs([jpeg_bytes()], [b"a red tomato"])).as_numpy("label").shape == (1,)
             c.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's resident high-water mark (VmHWM): what a burst cost at its worst, not after it."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_grpc_floods_stay_within_the_bytes_budget() -> None:
+    """32 calls of 3.9 MB at once against a budget of 8 MiB in flight: two calls at a time may hold a
+    message (4 MiB each), the others are refused before a handler runs, every refusal frees its memory
+    at once, and the worker's peak memory grows by a few budgets, not by 32 messages (125 MB)."""
+    port = free_port()
+    env = grpc_env(port, CLASSIFIER_MAX_INFLIGHT_BODY_BYTES=str(8 * 1024 * 1024), CLASSIFIER_GRPC_MAX_CONCURRENT_CALLS="2")
+    garbage = np.random.default_rng(5).bytes(3_900_000)  # not an image: a call that gets this far ends INVALID_ARGUMENT
+    with running_server(DEFAULT_MODEL, **env) as (proc, _):
+        c = tg.InferenceServerClient(f"127.0.0.1:{port}")
+        assert c.infer(MODEL, inputs([TOMATO], [b"x"])).as_numpy("label").shape == (1,)
+        before = peak_rss_mb(proc.pid)
+        codes: list[str] = []
+
+        def call() -> None:
+            try:
+                tg.InferenceServerClient(f"127.0.0.1:{port}").infer(MODEL, inputs([garbage], [b"x"]), client_timeout=60)
+                codes.append("OK")
+            except InferenceServerException as exc:
+                codes.append(str(exc.status()).removeprefix("StatusCode."))
+
+        for _ in range(3):  # three floods: memory a refusal kept would add up
+            threads = [threading.Thread(target=call) for _ in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+        grown = peak_rss_mb(proc.pid) - before
+        print(f"peak RSS grew {grown:.0f} MB for 3 x 32 calls of 3.9 MB ({ {c: codes.count(c) for c in set(codes)} })")
+        assert len(codes) == 96 and set(codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes  # each answered
+        assert grown < 80, f"the worker's peak RSS grew {grown:.0f} MB"
+        big = tg.InferInput("image", [1], "BYTES")  # past the budget's share of one call: refused unread
+        big.set_data_from_numpy(np.array([bytes(4_300_000)], dtype=object))
+        assert status_of(lambda: c.infer(MODEL, [big]))[0] == "RESOURCE_EXHAUSTED"
+        assert c.infer(MODEL, inputs([TOMATO], [b"x"])).as_numpy("label")[0] == b"tomato"
+
+
+def test_counts_and_undecodable_messages_are_invalid_argument_before_parsing(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = grpc_env(port, CLASSIFIER_LOG_LEVEL="info")
+    with log.open("wb") as out, running_server(DEFAULT_MODEL, stdout=out, **env), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        raw_infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        raw_live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+
+        def refused(call: Any, message: bytes) -> str:
+            with pytest.raises(grpc.RpcError) as err:
+                call(message, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            return str(err.value.details())
+
+        assert "not valid protobuf" in refused(raw_infer, b"\x2a\xff\xff")  # field 5, a length past the end
+        assert "not a valid" in refused(raw_live, b"\x0a\x05ab")
+
+        def request() -> service_pb2.ModelInferRequest:
+            req = service_pb2.ModelInferRequest(model_name=MODEL)
+            t = req.inputs.add(name="image", datatype="BYTES", shape=[1])
+            t.contents.bytes_contents.append(TOMATO)
+            return req
+
+        many = request()
+        many.inputs[0].contents.bytes_contents.extend([b""] * 5000)
+        assert "elements in an input's contents: more than 4096" in refused(raw_infer, many.SerializeToString())
+        numbers = request()
+        numbers.inputs[0].contents.fp32_contents.extend([0.5] * 5000)  # packed: counted by its length
+        assert "more than 4096" in refused(raw_infer, numbers.SerializeToString())
+        outputs = request()
+        for _ in range(17):
+            outputs.outputs.add(name="label")
+        assert "requested outputs: more than 16" in refused(raw_infer, outputs.SerializeToString())
+        twice = request()
+        twice.outputs.add(name="label")
+        twice.outputs.add(name="label")
+        assert "more than once" in refused(raw_infer, twice.SerializeToString())
+        typed = request()
+        typed.inputs[0].contents.fp32_contents.append(1.0)
+        assert "belongs in contents.bytes_contents" in refused(raw_infer, typed.SerializeToString())
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(request(), timeout=30).model_name == MODEL  # the same request, within bounds
+    assert "Traceback" not in log.read_text()
+
+
+def test_the_grpc_listener_binds_the_services_host() -> None:
+    port = free_port()
+    with running_server(DEFAULT_MODEL, CLASSIFIER_GRPC_PORT=str(port), CLASSIFIER_WORKERS="1"):  # --host 127.0.0.1
+        listening = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":
+                    listening.append(local.rsplit(":", 1)[0])
+        # 127.0.0.1 only (IPv4, or IPv4-mapped on an IPv6 socket), not 0.0.0.0
+        assert listening and set(listening) <= {"0100007F", "0000000000000000FFFF00000100007F"}, listening

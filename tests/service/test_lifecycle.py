@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import ROOT, jpeg_bytes, multipart_body, start_server, synthetic_samples
+from helpers import ROOT, app_client, jpeg_bytes, multipart_body, start_server, synthetic_samples
 from PIL import Image
 
 from benchmarks.procstats import proc_stats
@@ -202,3 +202,13 @@ def test_sixty_megabyte_upload_is_refused_while_streaming(server: tuple[subproce
     assert b"payload_too_large" in answer
     assert rss_mb(proc.pid) - before < 30
     assert httpx.post(f"{url}/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")}).status_code == 200
+
+
+def test_a_draining_worker_closes_each_connection_after_its_answer(tiny_artifact: Path) -> None:
+    """Past SIGTERM (a rolling restart's old worker) no client reuses a connection the worker is about
+    to close: a request sent on it at that moment would be reset, with no answer to retry on."""
+    with app_client(tiny_artifact) as c:
+        assert "close" not in c.get("/healthz").headers.get("connection", "")
+        c.app.state.pipeline.draining = True
+        for r in (c.get("/healthz"), c.post("/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")})):
+            assert r.headers["connection"] == "close", r.headers

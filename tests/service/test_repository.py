@@ -97,7 +97,7 @@ def test_load_and_unload_need_the_api_key_and_change_what_is_served(repo: Path, 
     with app_client(tiny_artifact, model_repository=repo, api_key="secret") as c:
         assert c.post("/v2/repository/models/beta/unload").status_code == 401
         assert c.post("/v2/repository/models/beta/load").status_code == 401
-        assert c.post("/v2/repository/models/beta/unload", headers=key).json() == {"name": "beta", "unloaded": True}
+        assert c.post("/v2/repository/models/beta/unload", headers=key).json() == {"name": "beta", "unloaded": True, "pending_workers": []}
         assert classify(c, model="beta").status_code == 401  # the key guards every route
         assert c.post("/classify", params={"model": "beta"}, headers=key,
                       files={"image": ("x.jpg", JPG, "image/jpeg")}).status_code == 404
@@ -131,6 +131,7 @@ def test_a_corrupt_new_version_leaves_the_old_one_serving_and_a_fixed_copy_takes
                 break
             time.sleep(0.1)
         assert index[("alpha", "2")]["state"] == "UNAVAILABLE" and "sha256 mismatch" in index[("alpha", "2")]["reason"]
+        assert index[("alpha", "2")]["reason"].startswith("alpha/2/model.onnx: ")  # no server path
         assert classify(c).json()["model"]["version"] == "1" and c.get("/readyz").status_code == 200
         shutil.copy(tiny_artifact / "model.onnx", broken / "model.onnx")  # fixed in place: retried, takes over
         deadline = time.monotonic() + 10
@@ -241,3 +242,129 @@ def test_the_owner_topology_serves_the_repository_and_loads_new_versions_on_dema
             seen.append(r.json()["model"]["version"] if r.status_code == 200 else r.status_code)
         assert set(seen) <= {"1", "2"}, seen  # every answer a 200, from the old version or the new one
         assert seen[-20:] == ["2"] * 20
+
+
+# --- a model's life under traffic (#34) --------------------------------------------------------------
+
+
+class SlowUpload:
+    """A request whose body arrives in two parts: the head and half the body now, the rest on ``finish``."""
+
+    def __init__(self, url: str, path: str, body: bytes, content_type: str) -> None:
+        import http.client
+
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=15)
+        self.conn.putrequest("POST", path)
+        for k, v in {"content-type": content_type, "content-length": str(len(body)), **KEY}.items():
+            self.conn.putheader(k, v)
+        self.conn.endheaders()
+        self.rest = body[len(body) // 2 :]
+        self.conn.send(body[: len(body) // 2])
+
+    def finish(self) -> tuple[int, Any]:
+        import json
+
+        self.conn.send(self.rest)
+        r = self.conn.getresponse()  # a request nobody answers times out here (15 s), failing the test
+        status, body = r.status, json.loads(r.read())
+        self.conn.close()
+        return status, body
+
+
+def _slow_classify(url: str) -> SlowUpload:
+    from helpers import multipart_body
+
+    body, content_type = multipart_body(JPG, "a red tomato")
+    return SlowUpload(url, "/classify", body, content_type)
+
+
+def _slow_batch(url: str, rows: int) -> SlowUpload:
+    import json
+
+    item = {"image_base64": base64.b64encode(JPG).decode(), "description": "a red tomato"}
+    return SlowUpload(url, "/classify/batch", json.dumps({"items": [item] * rows}).encode(), "application/json")
+
+
+def test_uploads_still_arriving_across_a_reload_and_a_new_version_are_answered(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A request holds the version it resolved from before its body arrives to its answer: a reload
+    through the API or a version dropped into the folder waits for it, and the row budget is whole after."""
+    repo = make_repository(tmp_path / "repo", {"alpha": {"1": tiny_artifact}})
+    with running_server(repo, "--model-repository", str(repo), "--poll-repository", "0.2", CLASSIFIER_API_KEY="k",
+                        CLASSIFIER_MAX_QUEUE="16") as (_, url), httpx.Client(base_url=url, timeout=30, headers=KEY) as c:
+        single, batch = _slow_classify(url), _slow_batch(url, 8)
+        time.sleep(0.3)  # both resolved alpha/1 and wait for the rest of their bodies
+        assert c.post("/v2/repository/models/alpha/load").status_code == 200  # a reload: alpha/1 replaced
+        status, body = single.finish()
+        assert status == 200 and body["model"] == {"name": "alpha", "version": "1"}, body
+        status, body = batch.finish()
+        assert status == 200 and [r["model"]["version"] for r in body["results"]] == ["1"] * 8, body
+
+        late = _slow_classify(url)
+        time.sleep(0.3)
+        shutil.copytree(tiny_artifact, tmp_path / "incoming")
+        (tmp_path / "incoming").rename(repo / "alpha" / "2")  # the poll swaps alpha/1 out for alpha/2
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and classify(c).json()["model"]["version"] != "2":
+            time.sleep(0.1)
+        status, body = late.finish()
+        assert status == 200 and body["model"] == {"name": "alpha", "version": "1"}, body
+
+        # the worker's row budget is whole: a batch of all 16 rows it admits is served
+        item = {"image_base64": base64.b64encode(JPG).decode()}
+        full = c.post("/classify/batch", json={"items": [item] * 16})
+        assert full.status_code == 200 and all("error" not in r for r in full.json()["results"]), full.text
+        assert c.get("/readyz").status_code == 200
+
+
+def test_a_relative_repository_path_does_not_reload_what_has_not_changed(tiny_artifact: Path, tmp_path: Path) -> None:
+    import os
+
+    repo = make_repository(tmp_path / "repo", {"alpha": {"1": tiny_artifact}})
+    relative = os.path.relpath(repo) + "/"  # relative to this process's working folder, slash-ended
+    with app_client(tiny_artifact, model_repository=Path(relative), poll_repository_s=0.05) as c:
+        repository = c.app.state.pipeline.repository
+        first = repository.models["alpha"]["1"]
+        time.sleep(0.6)  # a dozen polls
+        assert repository.models["alpha"]["1"] is first  # the same load: nothing was reloaded
+        # a change of its files in place is a change: the next poll reloads it
+        manifest = repo / "alpha" / "1" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(f'"{labels_of(tiny_artifact)[0]}"', '"renamed"', 1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and repository.models["alpha"]["1"] is first:
+            time.sleep(0.05)
+        assert "renamed" in repository.models["alpha"]["1"].info.labels
+
+
+def test_every_worker_applies_every_control_call_even_concurrent_ones(tiny_artifact: Path, tmp_path: Path) -> None:
+    base = labels_of(tiny_artifact)
+    repo = make_repository(tmp_path / "repo", {"alpha": {"1": tiny_artifact}, "beta": {"1": tiny_artifact},
+                                               "gamma": {"1": tiny_artifact}})
+
+    def on_every_worker(check: Any, what: str) -> None:
+        for _ in range(16):  # fresh connections: the kernel spreads them over both workers
+            with httpx.Client(base_url=url, headers=KEY, timeout=30) as fresh:
+                assert check(fresh), what
+
+    with running_server(repo, "--model-repository", str(repo), "--workers", "2", CLASSIFIER_API_KEY="k") as (_, url):
+        for _ in range(3):  # two unloads at once, through whichever workers took them: both applied everywhere
+            answers: list[httpx.Response] = []
+            calls = [threading.Thread(target=lambda n=n, out=answers: out.append(
+                httpx.post(f"{url}/v2/repository/models/{n}/unload", headers=KEY, timeout=30))) for n in ("beta", "gamma")]
+            for t in calls:
+                t.start()
+            for t in calls:
+                t.join()
+            assert [a.status_code for a in answers] == [200, 200] and all(a.json()["pending_workers"] == [] for a in answers)
+            on_every_worker(lambda c: [classify(c, model=n).status_code for n in ("beta", "gamma")] == [404, 404],
+                            "an unload was lost in a worker")
+            for n in ("beta", "gamma"):
+                assert httpx.post(f"{url}/v2/repository/models/{n}/load", headers=KEY, timeout=30).status_code == 200
+
+        # files changed in place, then a load through one worker: every worker serves the new files
+        manifest = repo / "alpha" / "1" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(f'"{base[0]}"', '"renamed"', 1))
+        r = httpx.post(f"{url}/v2/repository/models/alpha/load", headers=KEY, timeout=30)
+        assert r.status_code == 200 and r.json()["pending_workers"] == []
+        on_every_worker(lambda c: "renamed" in {p["label"] for p in classify(c).json()["predictions"]},
+                        "a worker still serves the old files")

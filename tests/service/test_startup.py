@@ -92,3 +92,46 @@ def test_auto_probes_cuda_quietly_and_falls_back(tiny_artifact: Path, capfd: pyt
         assert p.providers == ["CPUExecutionProvider"]
     err = capfd.readouterr().err
     assert "Failed to load library" not in err and "CUDA" not in err, err
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "link.bin"])
+def test_a_manifest_names_only_files_inside_its_folder(tiny_artifact: Path, tmp_path: Path, name: str) -> None:
+    from classifier_core.artifact import load_manifest, sha256_file
+
+    d = _copy(tiny_artifact, tmp_path / "m")
+    (tmp_path / "outside.bin").write_bytes(b"a server file")
+    (d / "link.bin").symlink_to(tmp_path / "outside.bin")
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"][name] = sha256_file(tmp_path / "outside.bin")
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="not inside the artifact's folder"):
+        load_manifest(d)
+
+
+def test_outputs_are_read_by_name_whatever_their_order(tiny_artifact: Path, tmp_path: Path) -> None:
+    """An artifact whose graph and manifest list the outputs in another order answers the same."""
+    import numpy as np
+    import onnx
+
+    from classifier_core.artifact import sha256_file
+
+    d = _copy(tiny_artifact, tmp_path / "m")
+    model = onnx.load(str(d / "model.onnx"))
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs[::-1])
+    onnx.save(model, str(d / "model.onnx"))
+    m = json.loads((d / "manifest.json").read_text())
+    m["outputs"] = m["outputs"][::-1]
+    m["files"]["model.onnx"] = sha256_file(d / "model.onnx")
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert m["outputs"][0]["name"] != "probabilities"
+
+    settings = Settings(model_dir=tiny_artifact, provider="cpu")  # type: ignore[call-arg]
+    original, reordered = Predictor(settings), Predictor(settings, d)
+    original.load()
+    reordered.load()
+    images = np.random.default_rng(0).integers(0, 255, (3, m["image_size"], m["image_size"], 3), np.uint8)
+    ids = np.array([[5, 6, 7], [8, 9, 0], [3, 0, 0]], np.int64)
+    for a, b in zip(original.run_arrays(images, ids), reordered.run_arrays(images, ids), strict=True):
+        assert np.allclose(a, b, equal_nan=True)
