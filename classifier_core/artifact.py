@@ -70,6 +70,7 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature, ECE before/after (none: T = 1)
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution score: method, output, threshold
     backbone: dict[str, Any] = field(default_factory=dict)  # pretrained image backbone: name, weights sha256, licence
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # pretrained caption encoder: name, weights sha256, licence
     parity: dict[str, Any] = field(default_factory=dict)  # onnxruntime vs torch at export: max abs differences
     training: dict[str, Any] = field(default_factory=dict)  # best epoch, val accuracy, model config, optimiser
     serving: dict[str, Any] = field(default_factory=dict)  # model bytes, session load seconds (measured at export)
@@ -99,6 +100,7 @@ class Manifest:
                 calibration=dict(d.get("calibration") or {}),
                 ood=dict(d.get("ood") or {}),
                 backbone=dict(d.get("backbone") or {}),
+                text_encoder=dict(d.get("text_encoder") or {}),
                 parity=dict(d.get("parity") or {}),
                 training=dict(d.get("training") or {}),
                 serving=dict(d.get("serving") or {}),

@@ -1,7 +1,11 @@
-"""Caption encoding shared by training and serving: a WordLevel ``tokenizers`` tokenizer, no torch.
+"""Caption encoding shared by training and serving: a ``tokenizers`` tokenizer, no torch.
 
-One padding routine (``pad_ids``) serves training batches, export parity checks and the
-service's batches, so ids are laid out the same everywhere.
+Two kinds, both read from the artifact's own ``tokenizer.json`` by the same code: the WordLevel
+vocabulary trained on the training captions (the paper's branch: ``[PAD]``, ``[UNK]``, ``[EMPTY]``
+are ids 0, 1, 2), and a pretrained encoder's WordPiece tokenizer (all-MiniLM-L6-v2: ``[PAD]`` 0,
+its post-processor adds ``[CLS]`` and ``[SEP]``, an unseen word becomes pieces). One padding routine
+(``pad_ids``) serves training batches, export parity checks and the service's batches, so ids are
+laid out the same everywhere.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class EncodedText:
 
 
 class TextEncoder:
-    """Wraps a trained HuggingFace ``tokenizers`` WordLevel tokenizer (tokenizer.json)."""
+    """Wraps a HuggingFace ``tokenizers`` tokenizer (tokenizer.json): ours (WordLevel) or a pretrained one."""
 
     def __init__(self, tokenizer: object, max_len: int) -> None:
         from tokenizers import Tokenizer
@@ -45,14 +49,19 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_len)
+        self.tokenizer.enable_truncation(max_len)  # counts the special tokens a post-processor adds
         vocab = self.tokenizer.get_vocab()
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if vocab.get(tok) != i:
-                raise ValueError(f"tokenizer must map {tok} to id {i}")
-        self.pad_id = 0
-        self.unk_id = 1
-        self.empty_id = 2
+        if EMPTY_TOKEN in vocab:  # ours: the three special tokens first, in this order
+            for i, tok in enumerate(SPECIAL_TOKENS):
+                if vocab.get(tok) != i:
+                    raise ValueError(f"tokenizer must map {tok} to id {i}")
+        elif vocab.get(PAD_TOKEN) != PAD_ID or UNK_TOKEN not in vocab:
+            raise ValueError(f"tokenizer must map {PAD_TOKEN} to id {PAD_ID} and have {UNK_TOKEN}")
+        self.pad_id = PAD_ID
+        self.unk_id = vocab[UNK_TOKEN]
+        # an empty caption: [EMPTY] (ours), or [UNK] where a tokenizer adds no tokens of its own
+        self.empty_id = vocab.get(EMPTY_TOKEN, self.unk_id)
+        self.empty_token = EMPTY_TOKEN if EMPTY_TOKEN in vocab else UNK_TOKEN
         self.vocab_size = self.tokenizer.get_vocab_size()
 
     @classmethod
@@ -64,14 +73,22 @@ class TextEncoder:
     def encode(self, text: str) -> EncodedText:
         enc = self.tokenizer.encode(text)
         if not enc.ids:
-            return EncodedText([self.empty_id], [EMPTY_TOKEN])
+            return EncodedText([self.empty_id], [self.empty_token])
         return EncodedText(list(enc.ids), list(enc.tokens))
 
     def encode_batch(self, texts: Sequence[str]) -> list[EncodedText]:
         out = []
         for enc in self.tokenizer.encode_batch(list(texts)):
-            out.append(EncodedText(list(enc.ids), list(enc.tokens)) if enc.ids else EncodedText([self.empty_id], [EMPTY_TOKEN]))
+            out.append(EncodedText(list(enc.ids), list(enc.tokens)) if enc.ids else EncodedText([self.empty_id], [self.empty_token]))
         return out
+
+    def unknown_share(self, texts: Iterable[str]) -> float:
+        """The share of the captions' tokens that are ``[UNK]``: what the model cannot read of them."""
+        total = unknown = 0
+        for enc in self.tokenizer.encode_batch(list(texts)):
+            total += len(enc.ids)
+            unknown += sum(1 for i in enc.ids if i == self.unk_id)
+        return unknown / total if total else 0.0
 
     def pad(self, encoded: Sequence[EncodedText], length: int | None = None) -> np.ndarray:
         """Right-pad ids into an int64 ``[N, L]`` array (L = longest, or ``length``)."""

@@ -397,7 +397,9 @@ def build_manifest(p: Prepared, name: str, version: str | None, metrics: dict[st
                           "pixel_scaling": "in graph",
                           **({"mean_px": [127.0] * 3, "std_px": [128.0] * 3} if backbone
                              else {"mean": list(model.cfg.mean), "std": list(model.cfg.std)}),
-                          "text": "NFKC + lowercase, whitespace/punctuation split, WordLevel",
+                          "text": (f"{ckpt['extra']['text_encoder']['name']}'s WordPiece tokenizer (BERT normaliser: "
+                                   "lowercase; [CLS] pieces [SEP], cut to max_len)" if ckpt["extra"].get("text_encoder")
+                                   else "NFKC + lowercase, whitespace/punctuation split, WordLevel"),
                           "pad_id": text.pad_id, "unk_id": text.unk_id, "empty_id": text.empty_id},
         "data": {"sources": [display_source(s) for s in sources], "seed": tc["seed"], "label_key": tc["label_key"],
                  "image_key": tc.get("image_key", "image"), "caption_key": tc.get("caption_key", "caption"),
@@ -417,6 +419,7 @@ def build_manifest(p: Prepared, name: str, version: str | None, metrics: dict[st
                       "tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()},
         **p.confidence,
         "backbone": _backbone_entry(ckpt, size) or {},
+        "text_encoder": ckpt["extra"].get("text_encoder") or {},
         "files": {},
     })
 

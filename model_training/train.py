@@ -42,7 +42,7 @@ from .augment import augment
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
 from .data import DataError, DataIndex, DataSpec, SkipReport, scan
-from .features import FeatureCache, build_or_open, cache_key
+from .features import FeatureCache, build_or_open, cache_key, data_fingerprint
 from .model import FusedClassifier, build_model
 from .stream import SplitStream, StreamConfig, loader
 
@@ -140,7 +140,8 @@ def _predict_cached(model: FusedClassifier, cache: FeatureCache, dd: distributed
     model.eval()
     targets, preds, logp = [], [], []
     for b in cache.batches(batch_size):
-        logits, _ = model(None, b["ids"].to(dd.device), pooled=b["pooled"].to(dd.device))
+        text_pooled = b["text"].to(dd.device) if "text" in b else None
+        logits, _ = model(None, b["ids"].to(dd.device), pooled=b["pooled"].to(dd.device), text_pooled=text_pooled)
         lp = torch.log_softmax(logits.float(), -1).cpu()
         targets.append(b["targets"].numpy())
         preds.append(lp.argmax(-1).numpy())
@@ -163,10 +164,18 @@ def setup_text(cfg: TrainConfig, index: DataIndex, resume: dict[str, Any] | None
 
     if resume is not None:
         tok_json = str(resume["tokenizer"])
+    elif cfg.model.text_encoder != "lstm":  # a pretrained encoder reads its own pieces: nothing to learn
+        from .sentence import tokenizer_json
+
+        tok_json = tokenizer_json()
     else:
         tok_json = dd.broadcast_str(train_tokenizer(index.captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
                                     if dd.main else None)
-    return TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
+    text = TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
+    if dd.main and index.captions:
+        log.info("caption tokens the model cannot read ([UNK]): %.1f %% of the training captions'",
+                 100 * text.unknown_share(index.captions))
+    return text
 
 
 @dataclass
@@ -221,12 +230,13 @@ def train_epoch(cfg: TrainConfig, epoch: int, trained: torch.nn.Module, opt: tor
             if total == 0 and dd.main:
                 log.info("epoch %d: first batch after %.2f s", epoch, time.perf_counter() - t0)
             ids, y = (t.to(dd.device, non_blocking=True) for t in (b["ids"], b["targets"]))
+            text_pooled = b["text"].to(dd.device, non_blocking=True) if "text" in b else None
             if cache is not None:
                 img, pooled = None, b["pooled"].to(dd.device, non_blocking=True)
             else:
                 img, pooled = (augment(b["images"]) if cfg.augment else b["images"]).to(dd.device, non_blocking=True), None
             with autocast(cfg, dd.device):
-                logits, _ = trained(img, ids, pooled=pooled)
+                logits, _ = trained(img, ids, pooled=pooled, text_pooled=text_pooled)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients of all ranks here
@@ -273,6 +283,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
 
     model = build_model(cfg.model).to(dd.device)
     backbone = resume["extra"].get("backbone") if resume is not None else init_backbone(model, cfg)
+    sentence = resume["extra"].get("text_encoder") if resume is not None else init_sentence_encoder(model)
+    pretrained = {k: v for k, v in (("backbone", backbone), ("text_encoder", sentence)) if v}
     prog = Progress()
     log_path = out / "log.jsonl"
     if resume is not None:
@@ -298,7 +310,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
             caches = {}
             log.info("fine-tuning the backbone's last %d blocks at lr %g", cfg.finetune_blocks, cfg.finetune_lr)
         if run.cached and not caches:
-            caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, backbone or {}) for s in ("train", "val")}
+            caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, pretrained) for s in ("train", "val")}
         loss_sum, correct, total = dd.sum(*train_epoch(cfg, epoch, run.trained, run.opt, spec, index, tok_json, dd,
                                                        caches.get("train")))
         if run.sched is not None:
@@ -316,7 +328,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
                 f.write(jsonsafe.dumps(row) + "\n")
             log.info("%s epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f", cfg.model.mode, epoch,
                      row["train_loss"], row["train_acc"], val.loss, val.accuracy)
-            stop = record_epoch(cfg, out, model, run.opt, run.sched, index, text, prog, val, dd.world, backbone)
+            stop = record_epoch(cfg, out, model, run.opt, run.sched, index, text, prog, val, dd.world, pretrained)
         if dd.broadcast_flag(stop):  # every rank stops the phase at the same epoch
             if prog.phase == 2 or cfg.finetune_epochs == 0:
                 break
@@ -325,6 +337,22 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     summary = final_report(cfg, out, spec, index, tok_json, dd, t0)
     dd.barrier()
     return summary if dd.main else {}
+
+
+def init_sentence_encoder(model: FusedClassifier) -> dict[str, Any] | None:
+    """Load the pretrained caption encoder's weights (it stays frozen); what the checkpoint and artifact record."""
+    encoder = model.sentence_encoder
+    if encoder is None:
+        return None
+    from .sentence import SentenceEncoderError, load_minilm
+
+    try:
+        pretrained, info = load_minilm()
+    except SentenceEncoderError as exc:
+        raise DataError(str(exc)) from None
+    encoder.load_state_dict(pretrained.state_dict())
+    log.info("caption encoder %s: weights sha256 %s...", info["name"], info["weights_sha256"][:12])
+    return info
 
 
 def init_backbone(model: FusedClassifier, cfg: TrainConfig) -> dict[str, Any] | None:
@@ -388,7 +416,11 @@ class Run:
 
 
 def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int) -> None:
-    """Phase 1 freezes a pretrained backbone whole; phase 2 unfreezes its last blocks and head convolution."""
+    """Phase 1 freezes a pretrained backbone whole; phase 2 unfreezes its last blocks and head convolution.
+    A pretrained caption encoder stays frozen in both."""
+    if model.sentence_encoder is not None:
+        for p in model.sentence_encoder.parameters():
+            p.requires_grad = False
     backbone = model.backbone
     if backbone is None:
         return
@@ -402,10 +434,10 @@ def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int) -> N
 
 
 def feature_cache(model: FusedClassifier, cfg: TrainConfig, spec: DataSpec, split: str, index: DataIndex, tok_json: str,
-                  dd: distributed.Dist, backbone: dict[str, Any]) -> FeatureCache:
+                  dd: distributed.Dist, pretrained: dict[str, Any]) -> FeatureCache:
     limit = train_limit(index, dd) if split == "train" else None
     scfg = StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world, limit=limit)
-    key = cache_key(spec, split, cfg.model.image_size, backbone, tok_json, dd.rank, dd.world, limit)
+    key = cache_key(spec, split, cfg.model.image_size, pretrained, tok_json, dd.rank, dd.world, limit, data_fingerprint(spec))
     folder = Path(cfg.out_dir) / "cache" / f"{split}-rank{dd.rank}of{dd.world}"
     t0 = time.perf_counter()
     cache, _ = build_or_open(model, folder, key, spec, split, index.labels, tok_json, scfg, cfg.workers, dd.device)
@@ -415,7 +447,7 @@ def feature_cache(model: FusedClassifier, cfg: TrainConfig, spec: DataSpec, spli
 
 def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch.optim.Optimizer, sched: Any,
                  index: DataIndex, text: TextEncoder, prog: Progress, val: SplitResult, world: int,
-                 backbone: dict[str, Any] | None = None) -> bool:
+                 pretrained: dict[str, Any] | None = None) -> bool:
     """Checkpoints and early stopping after an epoch (rank 0); True to stop (the phase).
 
     Better = a higher validation accuracy, or the same with a lower validation loss: on a small
@@ -425,7 +457,7 @@ def record_epoch(cfg: TrainConfig, out: Path, model: FusedClassifier, opt: torch
     val_acc, val_loss = val.accuracy, val.loss
     score = val_acc if val_acc == val_acc else float(prog.epoch)  # no val figure: keep the latest epoch
     loss = val_loss if val_loss == val_loss else math.inf
-    info = {"backbone": backbone} if backbone else {}
+    info = dict(pretrained or {})  # backbone, text_encoder: what the weights came from
     if score > prog.best_val or (score == prog.best_val and loss < prog.best_loss):
         prog.best_val, prog.best_loss, prog.best_epoch, prog.stale = score, loss, prog.epoch, 0
         save_checkpoint(out / "best.pt", model, index.labels, text, cfg,

@@ -136,13 +136,16 @@ class Batcher:
             if remaining <= 0:
                 break
             try:
-                rows.append(await asyncio.wait_for(self._queue.get(), remaining))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation (stop())
+                # when the get completes in the same turn, and the loop would then wait for ever
+                async with asyncio.timeout(remaining):
+                    rows.append(await self._queue.get())
             except TimeoutError:
                 break
         return rows
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopped:
             rows = await self._collect()
             try:
                 await self._serve(rows)

@@ -111,7 +111,7 @@ def check_infer_request(buf: bytes, caps: Caps) -> None:
 
 
 def _check_input(buf: bytes, start: int, end: int, caps: Caps) -> None:
-    dims = params = 0
+    dims = params = elements = 0
     for field, wire, s, e in _fields(buf, start, end, MAX_FIELDS + caps.dims + caps.parameters):
         if field == _IN_SHAPE:
             dims += len(buf[s:e].translate(None, _CONTINUATION)) if wire == 2 else 1  # packed or not
@@ -120,11 +120,12 @@ def _check_input(buf: bytes, start: int, end: int, caps: Caps) -> None:
             params += 1
             _count("parameters of an input", params, caps.parameters)
         elif field == _IN_CONTENTS and wire == 2:
-            _check_contents(buf, s, e, caps)
+            # counted over every copy: protobuf merges repeated copies of a message field into one
+            elements = _check_contents(buf, s, e, caps, elements)
 
 
-def _check_contents(buf: bytes, start: int, end: int, caps: Caps) -> None:
-    elements = 0
+def _check_contents(buf: bytes, start: int, end: int, caps: Caps, elements: int) -> int:
+    """``elements`` so far in this input, plus this copy's; Malformed past the cap."""
     for field, wire, s, e in _fields(buf, start, end, MAX_FIELDS + caps.elements):
         if field not in _CONTENTS:
             continue
@@ -136,3 +137,4 @@ def _check_contents(buf: bytes, start: int, end: int, caps: Caps) -> None:
         else:
             elements += len(buf[s:e].translate(None, _CONTINUATION))  # packed varints: one last byte each
         _count("elements in an input's contents", elements, caps.elements)
+    return elements

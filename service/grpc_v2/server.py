@@ -90,41 +90,36 @@ class InferenceService:
         self._key_digest = hashlib.sha256(key.encode()).digest() if key else None
         self.inflight_bytes = 0  # request messages being served, summed (bounded like HTTP bodies in flight)
 
-    # --- the protocol's calls ----------------------------------------------------------
+    # --- the protocol's calls (each wrapped once by ``handler``: key, budget, parse, status) ---------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return await self._call("ServerLive", context, lambda: self._now(pb.ServerLiveResponse(live=True)))
+        return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return await self._call("ServerReady", context, lambda: self._now(pb.ServerReadyResponse(ready=self.pipeline.ready)))
+        return pb.ServerReadyResponse(ready=self.pipeline.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        def ready() -> Awaitable[pb.ModelReadyResponse]:
-            loaded = self.pipeline.repository.find(request.name, request.version or None)
-            return self._now(pb.ModelReadyResponse(ready=loaded.ready and not self.pipeline.draining))
-        return await self._call("ModelReady", context, ready)
+        loaded = self.pipeline.repository.find(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=loaded.ready and not self.pipeline.draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return await self._call("ServerMetadata", context, lambda: self._now(pb.ServerMetadataResponse(
-            name="image-text-classifier", version=__version__, extensions=PROTOCOL_EXTENSIONS)))
+        return pb.ServerMetadataResponse(name="image-text-classifier", version=__version__, extensions=PROTOCOL_EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        def metadata() -> Awaitable[pb.ModelMetadataResponse]:
-            info = self.pipeline.repository.find(request.name, request.version or None).info
-            m = info.manifest
-            t = pb.ModelMetadataResponse.TensorMetadata
-            return self._now(pb.ModelMetadataResponse(
-                name=info.name, versions=v2_metadata(self.pipeline, info)["versions"], platform="onnxruntime_onnx",
-                inputs=[t(name="image", datatype="BYTES", shape=[-1]), t(name="description", datatype="BYTES", shape=[-1])],
-                outputs=[t(name="label", datatype="BYTES", shape=[-1]),
-                         t(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
-                         t(name="text_attention", datatype="FP32", shape=[-1, -1]),
-                         t(name="abstained", datatype="BOOL", shape=[-1]), t(name="ood_score", datatype="FP32", shape=[-1])]))
-        return await self._call("ModelMetadata", context, metadata)
+        info = self.pipeline.repository.find(request.name, request.version or None).info
+        m = info.manifest
+        t = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=info.name, versions=v2_metadata(self.pipeline, info)["versions"], platform="onnxruntime_onnx",
+            inputs=[t(name="image", datatype="BYTES", shape=[-1]), t(name="description", datatype="BYTES", shape=[-1])],
+            outputs=[t(name="label", datatype="BYTES", shape=[-1]),
+                     t(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
+                     t(name="text_attention", datatype="FP32", shape=[-1, -1]),
+                     t(name="abstained", datatype="BOOL", shape=[-1]), t(name="ood_score", datatype="FP32", shape=[-1])])
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._call("ModelInfer", context, lambda: self._infer(request, context))
+        return await self._infer(request, context)
 
     # --- inference -------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
@@ -187,10 +182,6 @@ class InferenceService:
         return tensors
 
     # --- around every call -----------------------------------------------------------
-    @staticmethod
-    async def _now(value: T) -> T:
-        return value
-
     def _key_ok(self, context: grpc.aio.ServicerContext) -> bool:
         assert self._key_digest is not None
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -293,7 +284,8 @@ async def start_grpc(pipeline: Pipeline, settings: Settings, metrics: Metrics, r
     service = InferenceService(pipeline, settings, metrics, max_message_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         SERVICE, {name: service.handler(name, message) for name, message in METHODS.items()}),))
-    address = f"{settings.grpc_host or '127.0.0.1'}:{settings.grpc_port}"
+    host = settings.grpc_host or "127.0.0.1"
+    address = f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"  # IPv6: bracketed
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"gRPC: cannot listen on {address}")
     await server.start()

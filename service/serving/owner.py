@@ -184,7 +184,8 @@ class RemotePredictor:
 
     @property
     def depth(self) -> int:
-        return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
+        with self._lock:  # the reader and reconnect threads change _pending
+            return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
 
     async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
         if self._stopped:
@@ -286,7 +287,11 @@ class RemotePredictor:
             try:
                 data = conn.recv_bytes()
             except (OSError, EOFError, ValueError):
-                self._lost(gen)
+                loop = self._loop
+                if loop is None:
+                    self._lost(gen)
+                else:  # after the answers already handed over, which must not be thrown away
+                    loop.call_soon_threadsafe(self._lost, gen)
                 return
             loop = self._loop
             if loop is not None:
@@ -447,13 +452,16 @@ class _Held:
 
     predictor: Predictor
     digest: str
+    key: str  # folder and digest: a folder whose files changed is another artifact, with its own session
     connections: int = 0
 
 
 class Owner:
     """Accepts worker connections, merges their batches per model, runs the sessions, answers each.
 
-    It holds a session per artifact folder its workers ask for: the ones the repository serves at
+    It holds a session per artifact (folder and manifest digest) its workers ask for, so a version
+    whose files changed in place gets a new session while the old one serves the connections it has;
+    the ones the repository serves at
     start are loaded before it reports ready; a version a worker loads later (a repository poll or
     the load API) is loaded when its first connection arrives, and closed
     ``UNLOAD_GRACE_S`` after its last connection ended (every worker has unloaded it).
@@ -473,15 +481,19 @@ class Owner:
         self.max_rows = settings.owner_max_batch
         self.providers: list[str] = []
 
-    def _hold(self, model_dir: Path) -> _Held:
-        """The session for ``model_dir``, loaded now if the owner does not hold it (ArtifactError if broken)."""
-        key = str(model_dir)
+    def _hold(self, model_dir: Path, digest: str = "") -> _Held:
+        """The session for ``model_dir`` as the worker saw it (``digest``; "" = as it is on disk now),
+        loaded now if the owner does not hold it (ArtifactError if broken)."""
+        disk = manifest_digest(model_dir)
         with self._models_lock:
-            held = self.models.get(key)
+            # the worker's artifact, else what the folder holds now (a worker that saw older files is
+            # refused by its digest check; it is never a reason to load the same files twice)
+            held = self.models.get(f"{model_dir}#{digest or disk}") or self.models.get(f"{model_dir}#{disk}")
             if held is None:
                 predictor = Predictor(self.settings, model_dir)
                 predictor.load()
-                held = self.models[key] = _Held(predictor, manifest_digest(model_dir))
+                loaded = manifest_digest(model_dir)
+                held = self.models.setdefault(f"{model_dir}#{loaded}", _Held(predictor, loaded, f"{model_dir}#{loaded}"))
                 self.providers = predictor.providers
             held.connections += 1
             return held
@@ -496,10 +508,9 @@ class Owner:
 
     def _unload_if_unused(self, held: _Held) -> None:
         with self._models_lock:
-            key = str(held.predictor.model_dir)
-            if held.connections == 0 and self.models.get(key) is held:
-                del self.models[key]
-                log.info("model owner: unloaded %s (no worker uses it)", key)
+            if held.connections == 0 and self.models.get(held.key) is held:
+                del self.models[held.key]
+                log.info("model owner: unloaded %s (no worker uses it)", held.predictor.model_dir)
         # its session goes when the last batch holding it ends (jobs keep a reference)
 
     def serve(self, ready: Connection | None = None) -> None:
@@ -552,13 +563,13 @@ class Owner:
     def _read(self, conn: Connection) -> None:
         held: _Held | None = None
         try:
-            path, pid, _digest, model_dir = conn.recv()
+            path, pid, digest, model_dir = conn.recv()
             if not wire.is_slab(path):
                 log.warning("refused a connection from pid %s: slab %r", pid, path)
                 conn.close()
                 return
             try:
-                held = self._hold(Path(model_dir))
+                held = self._hold(Path(model_dir), str(digest))
             except Exception as exc:  # a broken artifact: this worker's model is not ready, the others serve on
                 log.error("model owner: cannot load %s for pid %s: %s", model_dir, pid, exc)
                 conn.send((self.providers, "", self.beat_path))

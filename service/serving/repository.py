@@ -190,6 +190,7 @@ class Repository:
         self._signatures: dict[str, tuple[tuple[str, int, int], ...]] = {}  # failed versions: their files then
         self.pinned: dict[str, str | None] = {}  # name -> default_version from its model.json
         self._default: Loaded | None = None  # the default model's default version, worked out at every swap
+        self._retiring: dict[int, Loaded] = {}  # replaced versions still draining their leases
 
     # --- reading -----------------------------------------------------------------------
     def loaded(self) -> Iterator[Loaded]:
@@ -273,28 +274,32 @@ class Repository:
         """Load every model's wanted versions; the broken ones are reported and skipped."""
         self.state = "loading"
         self._replay_unloaded()
+        self._write_applied()  # what it will serve reflects the log so far: no API call waits for its loading
         async with self._change:
             for name, versions in scan(self.settings).items():
                 if name not in self.unloaded:
                     await self._apply(name, versions, strict=False)
+            await self._catch_up()  # operations logged while it loaded, before it serves
         self.state = "ready"
         if self.default_model and self.default_model not in self.models:
             log.warning("the default model %r is not loaded (loaded: %s): requests that name no model get 404",
                         self.default_model, ", ".join(sorted(self.models)) or "none")
         if self.context.control_dir:
-            self._write_applied()
             self._tasks.append(asyncio.create_task(self._watch_control(), name="repository-control"))
         if self.settings.poll_repository_s and self.settings.model_repository is not None:
             self._tasks.append(asyncio.create_task(self._poll_loop(), name="repository-poll"))
 
     async def stop(self) -> None:
+        if self.context.control_dir:  # a stopping worker applies nothing more: no API call waits for it
+            with contextlib.suppress(OSError):
+                (Path(self.context.control_dir) / f"applied.{os.getpid()}").unlink()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         old, self.models = list(self.loaded()), {}
-        for lo in old:
+        for lo in [*old, *self._retiring.values()]:  # those still draining too: their tasks were cancelled
             await self._close(lo)
 
     async def load(self, name: str) -> tuple[list[ModelInfo], list[int]]:
@@ -443,6 +448,7 @@ class Repository:
         kept = {id(v) for v in versions.values()}
         for lo in old.values():
             if id(lo) not in kept:
+                self._retiring[id(lo)] = lo
                 self._tasks.append(asyncio.create_task(self._retire(lo), name=f"retire-{lo.info.key}"))
 
     @property
@@ -466,8 +472,12 @@ class Repository:
     async def _close(self, lo: Loaded) -> None:
         await lo.batcher.stop()
         lo.backend.close()
-        # 0, not removed: prometheus_client cannot remove labels across worker processes
-        self.metrics.model_info.labels(lo.info.name, lo.info.version, lo.info.provider).set(0)
+        self._retiring.pop(id(lo), None)
+        labels = (lo.info.name, lo.info.version, lo.info.provider)
+        if not any((o.info.name, o.info.version, o.info.provider) == labels for o in self.loaded()):
+            # 0, not removed: prometheus_client cannot remove labels across worker processes; and not
+            # when a reload of the same version (the same labels) serves in its place
+            self.metrics.model_info.labels(*labels).set(0)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -491,7 +501,7 @@ class Repository:
             for entry in os.scandir(folder):
                 m = OP_NAME.fullmatch(entry.name)
                 if m and int(m.group(1)) > after:
-                    with contextlib.suppress(OSError, ValueError):
+                    with contextlib.suppress(OSError, ValueError):  # unreadable: a gap, waited for
                         out.append((int(m.group(1)), json.loads(Path(entry.path).read_text())))
         return sorted(out, key=lambda o: o[0])
 
@@ -527,17 +537,25 @@ class Repository:
     async def _catch_up(self, strict_seq: int | None = None) -> None:
         """Apply the log's new operations in order (the caller holds ``_change``); the one numbered
         ``strict_seq`` (this worker's API call) raises its errors, the others are logged."""
-        for seq, op in self._ops(self.applied_seq):
-            strict = seq == strict_seq
-            try:
-                await self._do(str(op.get("op")), str(op.get("name")), strict)
-            except Exception as exc:
-                if strict:
-                    self.applied_seq = seq
-                    self._write_applied()
-                    raise
-                log.error("repository operation %d (%s %s) failed here: %s", seq, op.get("op"), op.get("name"), exc)
-            self.applied_seq = seq
+        for _ in range(100):
+            for seq, op in self._ops(self.applied_seq):
+                if seq != self.applied_seq + 1:
+                    # numbers are given without gaps: one not seen yet (a listing taken while it was
+                    # linked) is waited for, never skipped
+                    break
+                strict = seq == strict_seq
+                try:
+                    await self._do(str(op.get("op")), str(op.get("name")), strict)
+                except Exception as exc:
+                    if strict:
+                        self.applied_seq = seq
+                        self._write_applied()
+                        raise
+                    log.error("repository operation %d (%s %s) failed here: %s", seq, op.get("op"), op.get("name"), exc)
+                self.applied_seq = seq
+            if strict_seq is None or self.applied_seq >= strict_seq:
+                break
+            await asyncio.sleep(0.01)  # this call's own operation is behind one not visible yet
         self._write_applied()
 
     def _replay_unloaded(self) -> None:

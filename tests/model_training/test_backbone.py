@@ -141,3 +141,36 @@ def test_export_with_the_backbone_in_the_graph(tiny_pretrained_artifact: Path) -
     assert m.backbone["input_size"] == m.image_size == 32
     assert raw["serving"]["model_bytes"] > 10_000_000 and raw["serving"]["session_load_s"] > 0
     assert m.preprocessing["mean_px"] == [127.0] * 3
+
+
+def test_the_feature_cache_key_follows_the_data_not_its_path(tmp_path: Path) -> None:
+    """Images replaced in place (same names, same folder, same run) rebuild the cache; unchanged data
+    reuses it; a table's images count too, wherever they are."""
+    import os
+
+    from PIL import Image
+
+    from model_training.data import DataSpec
+    from model_training.features import cache_key, data_fingerprint
+
+    folder = tmp_path / "photos"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(folder / label / f"{i}.png")
+    elsewhere = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(elsewhere)
+    table = tmp_path / "table.csv"
+    table.write_text(f"image,label\n{elsewhere},cat\n")
+
+    def key(spec: DataSpec) -> str:
+        return cache_key(spec, "train", 32, {}, "{}", 0, 1, None, data_fingerprint(spec))
+
+    spec, tabled = DataSpec([str(folder)]), DataSpec([str(table)])
+    before, before_table = key(spec), key(tabled)
+    assert key(spec) == before  # nothing changed: the cache is reused
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(folder / "cat" / "1.png")  # replaced in place
+    assert key(spec) != before
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(elsewhere)
+    os.utime(elsewhere, ns=(7, 7))
+    assert key(tabled) != before_table  # the table did not change; the image it names did

@@ -84,6 +84,21 @@ def meta_labels(url: str) -> list[str]:
     return httpx.get(f"{url}/model").json()["labels"]
 
 
+def _grpc_count(url: str, method: str, code: str) -> float:
+    m = re.search(rf'classifier_grpc_requests_total\{{code="{code}",method="{method}"\}} ([0-9.e+]+)', httpx.get(f"{url}/metrics").text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_each_call_is_counted_once_with_its_own_status(server: tuple[str, str]) -> None:
+    url, target = server
+    c = tg.InferenceServerClient(target)
+    before = {code: _grpc_count(url, "ModelMetadata", code) for code in ("OK", "NOT_FOUND")}
+    c.get_model_metadata(MODEL)
+    status_of(lambda: c.get_model_metadata("nope"))
+    after = {code: _grpc_count(url, "ModelMetadata", code) for code in ("OK", "NOT_FOUND")}
+    assert {k: after[k] - before[k] for k in after} == {"OK": 1, "NOT_FOUND": 1}
+
+
 def test_typed_bytes_contents_answer_like_raw_ones(server: tuple[str, str]) -> None:
     # tritonclient sends raw_input_contents; the protocol's typed contents are built here with its own messages
     _, target = server
@@ -329,6 +344,15 @@ def test_grpc_floods_stay_within_the_bytes_budget() -> None:
         assert c.infer(MODEL, inputs([TOMATO], [b"x"])).as_numpy("label")[0] == b"tomato"
 
 
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
 def test_counts_and_undecodable_messages_are_invalid_argument_before_parsing(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "server.log"
@@ -355,6 +379,13 @@ def test_counts_and_undecodable_messages_are_invalid_argument_before_parsing(tmp
         many = request()
         many.inputs[0].contents.bytes_contents.extend([b""] * 5000)
         assert "elements in an input's contents: more than 4096" in refused(raw_infer, many.SerializeToString())
+        # copies of the contents message merge into one: their elements add up
+        contents = service_pb2.InferTensorContents(bytes_contents=[b""] * 3000).SerializeToString()
+        copies = request().SerializeToString()
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1]).SerializeToString()
+        tensor += b"".join(b"\x2a" + _varint(len(contents)) + contents for _ in range(3))  # field 5, three times
+        copies += b"\x2a" + _varint(len(tensor)) + tensor
+        assert "more than 4096" in refused(raw_infer, copies)
         numbers = request()
         numbers.inputs[0].contents.fp32_contents.extend([0.5] * 5000)  # packed: counted by its length
         assert "more than 4096" in refused(raw_infer, numbers.SerializeToString())
