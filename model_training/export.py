@@ -42,7 +42,7 @@ from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, Manifest, sha256_
 from classifier_core.text import TextEncoder, pad_ids
 
 from . import jsonsafe
-from .calibrate import MAX_FIT_ROWS, FeatureStats, OODFit, OODHead, ece, fit_temperature, softmax
+from .calibrate import CROSS_FOLDS, MAX_FIT_ROWS, CrossFit, OODFit, OODHead, ece, fit_temperature, softmax
 from .model import FusedClassifier, InferenceWrapper
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,14 @@ def fit_confidence(model: FusedClassifier, spec: Any, labels: list[str], text: T
     if len(val.targets) == 0:
         raise ExportError("the validation split is empty: nothing to fit the temperature on")
     temperature = fit_temperature(val.logits, val.targets)
-    stats = FeatureStats(len(labels), val.features.shape[1])
-    n_train = 0
+    stats = CrossFit(len(labels), val.features.shape[1])
     for part in forward_split(model, spec, "train", labels, text, MAX_FIT_ROWS):
         stats.add(part.features, part.targets)
-        n_train += len(part.targets)
+    n_train = stats.rows
     fit = stats.fit()
-    fit.threshold = float(np.quantile(fit.distances(val.features), quantile))
+    # the threshold from scores of samples the statistics did not see: validation, and training out of fold
+    train_oof, val_scores = stats.out_of_fold(), fit.distances(val.features)
+    fit.threshold = float(np.quantile(np.concatenate([train_oof, val_scores]), quantile))
     nll = {name: float(-np.log(np.maximum(softmax(val.logits, t)[np.arange(len(val.targets)), val.targets], 1e-12)).mean())
            for name, t in (("before", 1.0), ("after", temperature))}
     calibration = {"temperature": temperature, "fitted_on": "val", "n": len(val.targets), "bins": 15,
@@ -176,12 +177,18 @@ def fit_confidence(model: FusedClassifier, spec: Any, labels: list[str], text: T
                    "nll_val_before": nll["before"], "nll_val_after": nll["after"]}
     features = ("per channel mean and standard deviation of the image branch's block outputs" if model.image_encoder is not None
                 else "the caption features the classifier head reads")
-    ood = {"method": "mahalanobis", "output": "ood_score", "threshold": fit.threshold, "quantile": quantile,
+    flagged_val = float((val_scores > fit.threshold).mean())
+    ood: dict[str, Any] = {"method": "mahalanobis", "output": "ood_score", "threshold": fit.threshold, "quantile": quantile,
            "features": features, "dim": int(val.features.shape[1]), "fitted_on": {"train": n_train, "val": len(val.targets)},
+           "threshold_from": {"val": len(val_scores), "train_out_of_fold": len(train_oof), "folds": CROSS_FOLDS},
+           "flagged": {"val": flagged_val,
+                       "train_out_of_fold": float((train_oof > fit.threshold).mean()) if len(train_oof) else None},
            "meaning": "squared Mahalanobis distance to the nearest training class mean (shared covariance); "
                       "above the threshold the sample is unlike the training data"}
-    log.info("temperature %.3f: ECE on val %.4f -> %.4f; OOD threshold %.2f (%.0f %% of val below)", temperature,
-             calibration["ece_val_before"], calibration["ece_val_after"], fit.threshold, 100 * quantile)
+    log.info("temperature %.3f: ECE on val %.4f -> %.4f; OOD threshold %.2f (%.0f %% quantile of %d val and %d "
+             "out-of-fold train scores; flags %.1f %% of val)", temperature, calibration["ece_val_before"],
+             calibration["ece_val_after"], fit.threshold, 100 * quantile, len(val_scores), len(train_oof),
+             100 * flagged_val)
     return {"calibration": calibration, "ood": ood}, fit, val
 
 
@@ -280,8 +287,7 @@ def prepare(checkpoint: str | Path, data: list[str] | None, ood_quantile: float)
     temperature = confidence["calibration"]["temperature"]
     confidence["calibration"]["ece_test_before"] = ece(probs, test_out.targets)
     confidence["calibration"]["ece_test_after"] = ece(softmax(test_out.logits, temperature), test_out.targets)
-    confidence["ood"]["flagged"] = {"test": float((fit.distances(test_out.features) > fit.threshold).mean()),
-                                    "val": 1.0 - ood_quantile}
+    confidence["ood"]["flagged"]["test"] = float((fit.distances(test_out.features) > fit.threshold).mean())
     report = classification_report(test_out.targets, probs.argmax(-1), labels)
     return Prepared(model, ckpt, text, labels, sources, test, tensors, skipped, trained, wrapper, fit, confidence, report)
 

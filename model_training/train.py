@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from classifier_core.text import TextEncoder, train_tokenizer
+from classifier_core.text import TOKENIZER_KINDS, TextEncoder, train_tokenizer
 
 from . import distributed, jsonsafe
 from .augment import augment
@@ -169,7 +169,7 @@ def setup_text(cfg: TrainConfig, index: DataIndex, resume: dict[str, Any] | None
 
         tok_json = tokenizer_json()
     else:
-        tok_json = dd.broadcast_str(train_tokenizer(index.captions, cfg.vocab_size, cfg.min_freq).to_str()  # type: ignore[attr-defined]
+        tok_json = dd.broadcast_str(train_tokenizer(index.captions, cfg.vocab_size, cfg.min_freq, cfg.tokenizer).to_str()  # type: ignore[attr-defined]
                                     if dd.main else None)
     text = TextEncoder(Tokenizer.from_str(tok_json), cfg.max_len)
     if dd.main and index.captions:
@@ -263,6 +263,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
     if cfg.schedule not in ("constant", "cosine"):
         raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
+    if cfg.tokenizer not in TOKENIZER_KINDS:
+        raise DataError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, not {cfg.tokenizer!r}")
     spec = spec_of(cfg)
     if index is None:
         index = scan(spec, max_bad="100%" if cfg.skip_bad else cfg.max_bad)

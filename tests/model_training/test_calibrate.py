@@ -76,3 +76,25 @@ def test_an_over_confident_model_is_calibrated_at_export(tiny_run: Path, tmp_pat
     served, _, _ = predictor.run_arrays(images, ids)
     assert np.allclose(served, softmax(np.log(graph_probs), cal["temperature"]), atol=1e-5)
     assert served.max(1).mean() < graph_probs.max(1).mean()  # less sure than the raw graph
+
+
+def test_out_of_fold_scores_look_like_new_samples_and_in_sample_ones_do_not() -> None:
+    """A covariance fitted on a few hundred rows of a hundred dimensions memorises them: scored by it,
+    its own rows look closer than any new sample. Scored out of fold, they look like new ones, which
+    is what the threshold must be a quantile of."""
+    from model_training.calibrate import CrossFit
+
+    rng = np.random.default_rng(0)
+    dim, n = 100, 400
+    centres = rng.normal(0, 3, (2, dim))
+    train_y = np.arange(n) % 2
+    train = centres[train_y] + rng.normal(0, 1, (n, dim))
+    fresh = centres[np.arange(2000) % 2] + rng.normal(0, 1, (2000, dim))
+    cf = CrossFit(2, dim)
+    for s in range(0, n, 128):  # in chunks, as the export streams them
+        cf.add(train[s : s + 128], train_y[s : s + 128])
+    fit = cf.fit()
+    in_sample, new, oof = (np.median(x) for x in (fit.distances(train), fit.distances(fresh), cf.out_of_fold()))
+    assert len(cf.out_of_fold()) == n
+    assert in_sample < 0.8 * new, (in_sample, new)
+    assert abs(oof - new) < 0.25 * new, (oof, new)
