@@ -10,13 +10,15 @@
   certainty. The score is the Mahalanobis distance (Lee et al. 2018) of a sample's image statistics
   (per channel mean and standard deviation of the image branch's pooled block outputs; a text-only model:
   its caption features) to the nearest class mean of the training split, with one shared
-  covariance, computed inside the ONNX graph. Its threshold is a quantile (95 % by default) of scores
-  of samples the statistics were not fitted on: the validation split's, and the training split's
-  scored out of fold (``CrossFit``: the training rows in ``CROSS_FOLDS`` folds, each scored by the
-  statistics of the others). Training samples scored by statistics that include them sit near 0 (a
-  covariance fitted on a few hundred samples of a few hundred dimensions memorises them), and a small
-  validation split alone gives a noisy quantile: 57 images set the threshold that abstained on half a
-  new user's in-scope test images. The export reports the share flagged of each split.
+  covariance, computed inside the ONNX graph. The covariance is shrunk towards its mean variance by the
+  weight Ledoit and Wolf (2004) estimate from the rows: a covariance of a few hundred dimensions fitted
+  on a few hundred samples memorises them (scored by it, its own samples sit at half the distance of
+  new ones, and statistics fitted on four fifths of them score the fifth at twice it). Its threshold
+  is a quantile (95 % by default) of scores of samples the statistics were not fitted on: the
+  validation split's, and the training split's scored out of fold (``CrossFit``: the training rows
+  in ``CROSS_FOLDS`` folds, each scored by the statistics of the others). A small validation split
+  alone gives a noisy quantile: 57 images set the threshold that abstained on half a new user's
+  in-scope test images. The export reports the share flagged of each split.
 
   Why those features (measured on the default model, 21 photographs that ship in scikit-image
   against its validation split, flagged at the validation split's 95 % quantile): the features the
@@ -106,28 +108,57 @@ class FeatureStats:
         out.n, out.sums, out.outer = self.n - other.n, self.sums - other.sums, self.outer - other.outer
         return out
 
-    def fit(self) -> OODFit:
+    def means(self) -> np.ndarray:
         seen = self.n > 0
         means = np.zeros_like(self.sums)
         means[seen] = self.sums[seen] / self.n[seen, None]
-        total = self.n.sum()
-        # within-class scatter: sum f f^T - sum_c n_c mu_c mu_c^T, shared by all classes
-        cov = (self.outer - (means * self.n[:, None]).T @ means) / max(total - seen.sum(), 1.0)
-        cov += np.eye(len(cov)) * SHRINKAGE * max(float(np.trace(cov)) / len(cov), 1e-12)
+        return means
+
+    def covariance(self) -> np.ndarray:
+        """The within-class covariance, shared by all classes: (sum f f^T - sum_c n_c mu_c mu_c^T) / (n - C)."""
+        means, seen = self.means(), self.n > 0
+        return (self.outer - (means * self.n[:, None]).T @ means) / max(self.n.sum() - seen.sum(), 1.0)
+
+    def fit(self, shrinkage: float | None = None) -> OODFit:
+        """``shrinkage``: the weight of (mean variance) x I in the covariance (``ledoit_wolf``); None: a ridge
+        of ``SHRINKAGE`` times the mean variance."""
+        seen = self.n > 0
+        means = self.means()
+        cov = self.covariance()
+        scale = max(float(np.trace(cov)) / len(cov), 1e-12)
+        if shrinkage is None:
+            cov += np.eye(len(cov)) * SHRINKAGE * scale
+        else:
+            cov = (1.0 - shrinkage) * cov + np.eye(len(cov)) * shrinkage * scale
         precision = np.linalg.inv(cov)
         # P = L L^T, so (f - mu)^T P (f - mu) = |(f - mu) L|^2: the graph needs one MatMul
         chol = np.linalg.cholesky((precision + precision.T) / 2)
         return OODFit(chol.astype(np.float32), (means @ chol).astype(np.float32), seen)
 
 
+def ledoit_wolf(rows: np.ndarray, cov: np.ndarray) -> float:
+    """Ledoit and Wolf (2004): the weight a of (mean variance) x I in (1 - a) S + a (mean variance) I that
+    minimises the expected error of the estimate, from the centred rows S was computed from. With about
+    as many rows as dimensions (a few hundred images, a few hundred activation statistics) S alone
+    memorises its rows: scored by it they sit at half the distance of new samples."""
+    n, dim = rows.shape
+    if n < 2:
+        return 1.0
+    mu = float(np.trace(cov)) / dim
+    spread = float((np.einsum("ij,ij->i", rows, rows) ** 2).sum()) / n**2 - float((cov**2).sum()) / n
+    distance = float(((cov - mu * np.eye(dim)) ** 2).sum())
+    return float(np.clip(spread / distance, SHRINKAGE, 1.0)) if distance > 0 else 1.0
+
+
 class CrossFit:
     """The training features' statistics, whole and per fold, and (at most ``MAX_FIT_ROWS``) the rows
-    themselves, so that each can be scored by statistics that did not see it."""
+    themselves: the covariance's shrinkage is estimated from them (``ledoit_wolf``), and each can be
+    scored by statistics that did not see it."""
 
     def __init__(self, classes: int, dim: int, folds: int = CROSS_FOLDS) -> None:
         self.total = FeatureStats(classes, dim)
         self.folds = [FeatureStats(classes, dim) for _ in range(folds)]
-        self.kept: list[tuple[int, np.ndarray]] = []  # (fold, features) of the rows kept for scoring
+        self.kept: list[tuple[int, np.ndarray, np.ndarray]] = []  # (fold, features, targets) of the rows kept
         self.rows = self.kept_rows = 0
 
     def add(self, features: np.ndarray, targets: np.ndarray) -> None:
@@ -140,20 +171,28 @@ class CrossFit:
                 stats.add(features[mine], targets[mine])
                 room = MAX_FIT_ROWS - self.kept_rows
                 if room > 0:
-                    part = np.asarray(features[mine][:room], np.float32)
-                    self.kept.append((k, part))
+                    part = np.asarray(features[mine][:room], np.float64)
+                    self.kept.append((k, part, np.asarray(targets[mine][:room])))
                     self.kept_rows += len(part)
 
+    def _fit(self, stats: FeatureStats, without: int | None = None) -> OODFit:
+        kept = [(f, t) for k, f, t in self.kept if k != without]
+        cov = stats.covariance()
+        if not kept:
+            return stats.fit(ledoit_wolf(np.zeros((0, cov.shape[0])), cov))
+        rows = np.concatenate([f for f, _ in kept]) - stats.means()[np.concatenate([t for _, t in kept])]
+        return stats.fit(ledoit_wolf(rows, cov))
+
     def fit(self) -> OODFit:
-        return self.total.fit()
+        return self._fit(self.total)
 
     def out_of_fold(self) -> np.ndarray:
-        """Each kept training row's score by the statistics of the other folds."""
+        """Each kept training row's score by the statistics (and shrinkage) of the other folds."""
         scores = []
         for k, stats in enumerate(self.folds):
-            rows = [f for fold, f in self.kept if fold == k]
+            rows = [f for fold, f, _ in self.kept if fold == k]
             if rows and stats.n.sum() < self.total.n.sum():
-                scores.append(self.total.without(stats).fit().distances(np.concatenate(rows)))
+                scores.append(self._fit(self.total.without(stats), without=k).distances(np.concatenate(rows)))
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 

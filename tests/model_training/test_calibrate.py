@@ -78,23 +78,27 @@ def test_an_over_confident_model_is_calibrated_at_export(tiny_run: Path, tmp_pat
     assert served.max(1).mean() < graph_probs.max(1).mean()  # less sure than the raw graph
 
 
-def test_out_of_fold_scores_look_like_new_samples_and_in_sample_ones_do_not() -> None:
+def test_with_as_many_rows_as_dimensions_the_shrunk_fit_scores_its_rows_like_new_ones() -> None:
     """A covariance fitted on a few hundred rows of a hundred dimensions memorises them: scored by it,
-    its own rows look closer than any new sample. Scored out of fold, they look like new ones, which
-    is what the threshold must be a quantile of."""
+    its own rows sit far closer than new samples (the old ridge). Shrunk as Ledoit and Wolf estimate,
+    its rows, the rows scored out of fold (what the threshold is a quantile of) and new samples score
+    alike."""
     from model_training.calibrate import CrossFit
 
     rng = np.random.default_rng(0)
-    dim, n = 100, 400
+    dim, n = 150, 300  # each fold's fit: 240 rows of 150 dimensions
+    scales = np.logspace(-1, 1, dim)  # unequal variances, as activation statistics have
     centres = rng.normal(0, 3, (2, dim))
     train_y = np.arange(n) % 2
-    train = centres[train_y] + rng.normal(0, 1, (n, dim))
-    fresh = centres[np.arange(2000) % 2] + rng.normal(0, 1, (2000, dim))
+    train = centres[train_y] + rng.normal(0, 1, (n, dim)) * scales
+    fresh = centres[np.arange(2000) % 2] + rng.normal(0, 1, (2000, dim)) * scales
     cf = CrossFit(2, dim)
     for s in range(0, n, 128):  # in chunks, as the export streams them
         cf.add(train[s : s + 128], train_y[s : s + 128])
+    ridge = cf.total.fit()  # the old fit: a ridge of 1e-3 of the mean variance
+    assert np.median(ridge.distances(train)) < 0.6 * np.median(ridge.distances(fresh))  # measured 131 vs 237
     fit = cf.fit()
-    in_sample, new, oof = (np.median(x) for x in (fit.distances(train), fit.distances(fresh), cf.out_of_fold()))
+    in_sample, new, oof = (float(np.median(x)) for x in (fit.distances(train), fit.distances(fresh), cf.out_of_fold()))
     assert len(cf.out_of_fold()) == n
-    assert in_sample < 0.8 * new, (in_sample, new)
-    assert abs(oof - new) < 0.25 * new, (oof, new)
+    # measured: 72.6, 94.0, 94.8 (with the ridge the out-of-fold median was 291: a threshold far too high)
+    assert abs(oof - new) < 0.1 * new and abs(in_sample - new) < 0.3 * new, (in_sample, oof, new)
