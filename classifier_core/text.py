@@ -48,6 +48,9 @@ class TextEncoder:
             raise TypeError("expected a tokenizers.Tokenizer")
         self.tokenizer = tokenizer
         self.max_len = max_len
+        specials = tokenizer.num_special_tokens_to_add(False)
+        if max_len <= specials:  # tokenizers would then skip truncation altogether
+            raise ValueError(f"max_len {max_len} leaves no room for a caption beside the {specials} special tokens")
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_len)  # counts the special tokens a post-processor adds
         vocab = self.tokenizer.get_vocab()
@@ -86,8 +89,9 @@ class TextEncoder:
         """The share of the captions' tokens that are ``[UNK]``: what the model cannot read of them."""
         total = unknown = 0
         for enc in self.tokenizer.encode_batch(list(texts)):
-            total += len(enc.ids)
-            unknown += sum(1 for i in enc.ids if i == self.unk_id)
+            words = [i for i, special in zip(enc.ids, enc.special_tokens_mask, strict=True) if not special]  # no [CLS]/[SEP]
+            total += len(words)
+            unknown += sum(1 for i in words if i == self.unk_id)
         return unknown / total if total else 0.0
 
     def pad(self, encoded: Sequence[EncodedText], length: int | None = None) -> np.ndarray:
@@ -103,9 +107,10 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int = 5000, min_frequen
 
     ``word``: the paper's WordLevel vocabulary; a word seen fewer than ``min_frequency`` times, or
     never, is ``[UNK]``. ``subword``: WordPiece pieces learned from the same captions (BERT's scheme,
-    ``##`` marks a piece inside a word); a word never seen, a plural or a Korean word with a particle
-    attached still arrives as pieces of words that were seen, down to single characters, instead of
-    ``[UNK]``."""
+    ``##`` marks a piece inside a word); a plural, a Korean word with a particle attached or a word
+    never seen arrives as pieces of words that were seen instead of ``[UNK]``, as long as its
+    characters were seen in the captions at those places (a word with an unseen character is one
+    ``[UNK]``)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if kind not in TOKENIZER_KINDS:

@@ -181,7 +181,9 @@ class CrossFit:
         if not kept:
             return stats.fit(ledoit_wolf(np.zeros((0, cov.shape[0])), cov))
         rows = np.concatenate([f for f, _ in kept]) - stats.means()[np.concatenate([t for _, t in kept])]
-        return stats.fit(ledoit_wolf(rows, cov))
+        n, seen = float(stats.n.sum()), float((stats.n > 0).sum())
+        # Ledoit and Wolf's estimate is for the covariance divided by n (ours: by n - classes)
+        return stats.fit(ledoit_wolf(rows, cov * max(n - seen, 1.0) / max(n, 1.0)))
 
     def fit(self) -> OODFit:
         return self._fit(self.total)
@@ -204,9 +206,14 @@ class OODFit:
     threshold: float = float("inf")
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        z = np.asarray(features, np.float32) @ self.whiten
-        d = ((z[:, None, :] - self.centres[None, self.seen, :]) ** 2).sum(-1)
-        return np.asarray(d.min(1))
+        """Squared distance to the nearest seen class centre, whitened; by blocks of rows, so memory stays
+        at a block x classes x dimensions (not every row's)."""
+        centres = self.centres[None, self.seen, :]
+        out = []
+        for s in range(0, len(features), 512):
+            z = np.asarray(features[s : s + 512], np.float32) @ self.whiten
+            out.append(((z[:, None, :] - centres) ** 2).sum(-1).min(1))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class OODHead(nn.Module):

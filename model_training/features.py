@@ -18,6 +18,7 @@ written under a temporary name and renamed when complete: a run killed mid-build
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DataSpec, SkipReport
+from .data import DataSpec, SkipReport, source_kind
 from .stream import SplitStream, StreamConfig, loader
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def _batch(group: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, torch.Ten
 
 def data_fingerprint(spec: DataSpec) -> str:
     """A digest of the files the data is read from: every file under a folder source and every shard or
-    table (name, size, modification time), and every image file a table or class folder names. A
-    stat per file, no reading: changed, added or removed files change it."""
+    table (name, size, modification time), and every image file a table names. A stat per file (and
+    a read of each table): changed, added or removed files change it."""
     h = hashlib.sha256()
 
     def add(path: Path) -> None:
@@ -113,14 +114,18 @@ def data_fingerprint(spec: DataSpec) -> str:
         except OSError:
             h.update(f"{path}\0missing\n".encode())
 
+    tables = []
     for src in map(Path, spec.sources):
         for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
             if f.is_file() or not f.exists():
                 add(f)
-    for _, sample in spec.samples(SkipReport()):
-        owner = getattr(sample.read, "__self__", None)  # Path.read_bytes of a table's or folder's image
-        if isinstance(owner, Path):
-            add(owner)
+        if src.is_file() and source_kind(src) == "table":
+            tables.append(str(src))
+    if tables:  # a table names images anywhere: each one's stat too (folders and shards hold theirs)
+        for _, sample in dataclasses.replace(spec, sources=tables).samples(SkipReport()):
+            owner = getattr(sample.read, "__self__", None)  # Path.read_bytes of the image the row names
+            if isinstance(owner, Path):
+                add(owner)
     return h.hexdigest()
 
 

@@ -56,6 +56,9 @@ def state_dict_from_onnx(model: FusedClassifier, onnx_path: Path) -> dict[str, t
         if name in inits:
             state[key] = torch.from_numpy(inits.pop(name).copy())
     lstm = [n for n in graph.node if n.op_type == "LSTM"]
+    if model.cfg.text_encoder != "lstm":
+        raise ArtifactImportError(f"{onnx_path}: an artifact with the {model.cfg.text_encoder} caption encoder cannot be "
+                                  "turned back into a checkpoint (only the paper's LSTM branch can)")
     if model.text_encoder is not None:
         if len(lstm) != 1:
             raise ArtifactImportError(f"{onnx_path}: expected one LSTM node, found {len(lstm)}")

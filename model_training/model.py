@@ -198,7 +198,9 @@ class SentenceTextEncoder(nn.Module):
         self.fc = nn.Linear(self.encoder.spec.hidden, cfg.hidden_dim)
 
     def pool(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids)  # [N, 384]
+        # float32 always: the cached vectors, the phase-2 and evaluation passes and the export compute the same
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return self.encoder(input_ids)  # [N, 384]
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc(pooled))  # [N, hidden]

@@ -263,6 +263,9 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
     if cfg.schedule not in ("constant", "cosine"):
         raise DataError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
+    if cfg.model.text_encoder == "minilm" and not 3 <= cfg.max_len <= 512:
+        raise DataError(f"--max-len {cfg.max_len}: the caption encoder reads 3 to 512 pieces, [CLS] and [SEP] included "
+                        "(it was trained on up to 256)")
     if cfg.tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, not {cfg.tokenizer!r}")
     spec = spec_of(cfg)
@@ -312,7 +315,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
             caches = {}
             log.info("fine-tuning the backbone's last %d blocks at lr %g", cfg.finetune_blocks, cfg.finetune_lr)
         if run.cached and not caches:
-            caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, pretrained) for s in ("train", "val")}
+            fingerprint = data_fingerprint(spec)  # once per run, for both splits' keys
+            caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, pretrained, fingerprint) for s in ("train", "val")}
         loss_sum, correct, total = dd.sum(*train_epoch(cfg, epoch, run.trained, run.opt, spec, index, tok_json, dd,
                                                        caches.get("train")))
         if run.sched is not None:
@@ -436,10 +440,10 @@ def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int) -> N
 
 
 def feature_cache(model: FusedClassifier, cfg: TrainConfig, spec: DataSpec, split: str, index: DataIndex, tok_json: str,
-                  dd: distributed.Dist, pretrained: dict[str, Any]) -> FeatureCache:
+                  dd: distributed.Dist, pretrained: dict[str, Any], fingerprint: str) -> FeatureCache:
     limit = train_limit(index, dd) if split == "train" else None
     scfg = StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world, limit=limit)
-    key = cache_key(spec, split, cfg.model.image_size, pretrained, tok_json, dd.rank, dd.world, limit, data_fingerprint(spec))
+    key = cache_key(spec, split, cfg.model.image_size, pretrained, tok_json, dd.rank, dd.world, limit, fingerprint)
     folder = Path(cfg.out_dir) / "cache" / f"{split}-rank{dd.rank}of{dd.world}"
     t0 = time.perf_counter()
     cache, _ = build_or_open(model, folder, key, spec, split, index.labels, tok_json, scfg, cfg.workers, dd.device)

@@ -169,7 +169,9 @@ def test_the_feature_cache_key_follows_the_data_not_its_path(tmp_path: Path) -> 
     spec, tabled = DataSpec([str(folder)]), DataSpec([str(table)])
     before, before_table = key(spec), key(tabled)
     assert key(spec) == before  # nothing changed: the cache is reused
+    stat = (folder / "cat" / "1.png").stat()
     Image.new("RGB", (8, 8), (0, 200, 0)).save(folder / "cat" / "1.png")  # replaced in place
+    os.utime(folder / "cat" / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # whatever its new size
     assert key(spec) != before
     Image.new("RGB", (8, 8), (0, 0, 200)).save(elsewhere)
     os.utime(elsewhere, ns=(7, 7))
