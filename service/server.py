@@ -106,8 +106,8 @@ def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
 
     By default glibc raises its mmap threshold to the largest block freed (up to 32 MiB), so after one
     burst of large uploads or gRPC messages their buffers are carved from the heap and a worker keeps
-    its peak size for good (seen: 2.6 GB after 32 calls of 30 MB). A fixed threshold ends that, for
-    the price of a fresh mapping per large block. False where the C library is not glibc."""
+    its peak size. A fixed threshold ends that, for the price of a fresh mapping per large block
+    (3 floods of 32 gRPC calls of 3.9 MB: peak RSS +40 MB with it, +53 to +57 MB without). False where the C library is not glibc."""
     import ctypes
     import platform
 
