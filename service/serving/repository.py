@@ -370,6 +370,7 @@ class Repository:
         current = dict(self.models.get(name, {}))
         new: dict[str, Loaded] = {}
         problems = []
+        waiting = False  # a wanted version skipped: it failed, and its files have not changed since
         for c in want:
             have = current.get(c.version)  # loaded from the same resolved folder, or replaced: compared by content
             key = f"{name}/{c.version}"
@@ -382,6 +383,7 @@ class Repository:
                 # meanwhile the version that served before serves on
                 if have is not None:
                     new[c.version] = have
+                waiting = True
                 continue
             others = sum(1 for lo in self.loaded() if lo.info.name != name) + len(new)
             if others >= self.settings.max_loaded_models:
@@ -401,8 +403,8 @@ class Repository:
                 problems.append(f"{key}: {reason}")
                 if c.version in current:
                     new[c.version] = current[c.version]  # a failed reload leaves the running one in place
-        if not new and current and problems:
-            new = current  # nothing of the new set loads: the old set serves on
+        if not new and current and (problems or waiting):
+            new = current  # nothing of the new set loads (now, or since its files last changed): the old set serves on
         self._swap(name, new)
         if strict and problems:
             raise LoadFailed("; ".join(problems))
