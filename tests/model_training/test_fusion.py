@@ -1,0 +1,80 @@
+"""Fusion ``heads``: each branch's own head, weights fitted on the validation split, in the graph."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_training import fusion, train
+from model_training.checkpoint import load_checkpoint
+from model_training.model import ModelConfig, build_model
+
+
+def _heads_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(mode="fused", fusion="heads", num_classes=3, vocab_size=30, image_size=16,
+                                   conv_channels=(4, 8), image_dim=8, embed_dim=8, hidden_dim=8, attn_dim=4)).eval()
+
+
+def test_the_answer_is_the_weighted_sum_of_the_heads() -> None:
+    model = _heads_model()
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    ids = torch.randint(3, 30, (4, 5), generator=g)
+    with torch.no_grad():
+        logits, _, parts = model(img, ids, branches=True)
+        assert parts.shape == (3, 4, 3)
+        assert torch.allclose(logits, parts.sum(0), atol=1e-6)  # as trained: (1, 1, 1)
+        fusion.apply(model, {"weights": [0.0, 0.0, 1.0]})  # the text head alone: the image cannot matter
+        other = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        assert torch.allclose(model(img, ids)[0], parts[2], atol=1e-6)
+        assert torch.allclose(model(other, ids)[0], model(img, ids)[0], atol=1e-6)
+    assert torch.equal(model.state_dict()["fusion_weights"], torch.tensor([0.0, 0.0, 1.0]))  # saved with the weights
+
+
+def test_the_fit_keeps_the_head_that_is_right_on_validation() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    right = np.eye(4)[y] * 3 + rng.normal(0, 0.5, (200, 4))  # the text head: right
+    wrong = rng.normal(0, 1, (3, 200, 4))  # the joint and image heads: noise (memorised training images)
+    parts = np.stack([wrong[0] * 2, wrong[1] * 2, right]).astype(np.float32)
+    fit = fusion.fit_weights(parts, y)
+    assert fit["val_acc"] == 1.0 and fit["weights"][2] > 0
+    assert fit["val_acc_by_head"]["text"] == 1.0 and fit["val_acc_by_head"]["trained"] < 1.0
+    assert fusion.fit_weights(parts[:, :0], y[:0])["weights"] == [1.0, 1.0, 1.0]  # no validation rows: as trained
+
+
+def _write(root: Path, n: int) -> Path:
+    """Two classes whose images are random noise (nothing to learn but each training image itself) and
+    whose captions tell them apart."""
+    rng, px = random.Random(0), np.random.default_rng(0)
+    for label, words in (("a", ["red", "crimson"]), ("b", ["blue", "navy"])):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(px.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+            (root / label / f"{i}.txt").write_text(f"a {rng.choice(words)} thing")
+    return root
+
+
+def test_training_fits_the_weights_and_the_checkpoint_answers_with_them(tmp_path: Path) -> None:
+    data = _write(tmp_path / "data", 40)
+    out = tmp_path / "run"
+    train.main(["--preset", "smoke", "--data", str(data), "--out-dir", str(out), "--model.fusion", "heads",
+                "--model.image-size", "16", "--epochs", "4", "--patience", "4", "--min-freq", "1", "--lr", "0.01",
+                "--threads", "2", "--workers", "0", "--no-progress"])
+    model, ckpt = load_checkpoint(out / "best.pt")
+    fit = ckpt["extra"]["fusion"]
+    assert fit["rows"] > 0 and model.fusion_weights.tolist() == fit["weights"]
+    # random pixels say nothing of the class on new images: the caption's head must carry the answer
+    assert fit["val_acc"] >= max(fit["val_acc_by_head"].values())
+    assert fit["val_acc"] == 1.0 and fit["weights"][2] > 0, fit
+
+
+def test_an_unknown_fusion_is_refused() -> None:
+    with pytest.raises(ValueError, match="fusion"):
+        ModelConfig(fusion="sum")
