@@ -74,6 +74,7 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)  # onnxruntime vs torch at export: max abs differences
     training: dict[str, Any] = field(default_factory=dict)  # best epoch, val accuracy, model config, optimiser
     serving: dict[str, Any] = field(default_factory=dict)  # model bytes, session load seconds (measured at export)
+    quantization: dict[str, Any] = field(default_factory=dict)  # int8: recipe, calibration, float vs int8 figures (quantize)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -104,6 +105,7 @@ class Manifest:
                 parity=dict(d.get("parity") or {}),
                 training=dict(d.get("training") or {}),
                 serving=dict(d.get("serving") or {}),
+                quantization=dict(d.get("quantization") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{MANIFEST}: missing or invalid field: {exc}") from exc

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-USAGE = ("usage: itc {serve,train,evaluate,export,ablate,make-dataset} ...\n"
+USAGE = ("usage: itc {serve,train,evaluate,export,quantize,ablate,make-dataset} ...\n"
          "  itc serve --help      serve a model over HTTP (python -m service)\n"
-         "  itc train --help      train, evaluate, export, ablate, make-dataset (python -m model_training)")
+         "  itc train --help      train, evaluate, export, quantize, ablate, make-dataset (python -m model_training)")
 
 
 def main(argv: list[str] | None = None) -> int:

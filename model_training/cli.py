@@ -14,6 +14,7 @@ COMMANDS = {
     "evaluate": ("model_training.evaluate", "accuracy, per-class P/R/F1 and a confusion matrix"),
     "ablate": ("model_training.ablate", "train image-only, text-only and fused; table and bar chart"),
     "export": ("model_training.export", "export a checkpoint to a verified ONNX artifact"),
+    "quantize": ("model_training.quantize", "an int8 copy of a pretrained artifact, written only if it keeps its accuracy"),
 }
 
 
@@ -32,12 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[ns.command][0])
     from .data import DataError
     from .export import ExportError
+    from .quantize import QuantizeError
 
     try:
         module.main(ns.args)
     except DataError as exc:  # a mistake in the data or a path: one line, no traceback
         print(f"python -m model_training {ns.command}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    except QuantizeError as exc:  # the int8 graph failed its accuracy gate: nothing was written
+        print(f"python -m model_training {ns.command}: quantization refused: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
     except ExportError as exc:  # the artifact failed a check (parity, checker): nothing was written
         print(f"python -m model_training {ns.command}: export failed: {exc}", file=sys.stderr)  # noqa: T201
         return 1

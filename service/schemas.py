@@ -115,6 +115,8 @@ class ModelInfo(BaseModel):
     abstention: dict[str, Any] = Field(description="min_confidence (the service's default), whether the "
                                        "out-of-distribution score abstains, and what share of the test split it flagged")
     backbone: dict[str, Any] | None = Field(default=None, description="the pretrained image backbone, if any")
+    quantization: dict[str, Any] | None = Field(default=None, description="an int8 artifact: its type, the float "
+                                                "version it came from, and both graphs' accuracy on val and test")
     memory_bytes: int | None = Field(default=None, description="resident memory its load added to the worker (None: "
                                      "not measured, e.g. in the owner topology, where the owner holds the session)")
     load_seconds: float = Field(default=0.0, description="how long its load and warm-up took")

@@ -54,6 +54,9 @@ def describe(info: ModelInfo, settings: Settings) -> dict[str, Any]:
         "abstention": {"min_confidence": settings.min_confidence, "ood": settings.ood_abstain and m.ood_threshold is not None,
                        "ood_method": m.ood.get("method"), "ood_flagged_test": (m.ood.get("flagged") or {}).get("test")},
         "backbone": {k: m.backbone[k] for k in ("name", "weights_sha256", "licence", "input_size") if k in m.backbone} or None,
+        "quantization": ({"type": m.quantization.get("type"), "source_version": (m.quantization.get("source") or {}).get("version"),
+                          "accuracy": {s: f.get("accuracy") for s, f in (m.quantization.get("figures") or {}).items()}}
+                         if m.quantization else None),
         "memory_bytes": info.memory_bytes, "load_seconds": info.load_seconds,
     }
 
