@@ -222,7 +222,8 @@ class SentenceTextEncoder(nn.Module):
 
 
 class FusedClassifier(nn.Module):
-    fusion_weights: torch.Tensor  # fusion heads only: a buffer, saved with the weights
+    fusion_weights: torch.Tensor  # fusion heads only: buffers, saved with the weights
+    fusion_temperatures: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -240,8 +241,10 @@ class FusedClassifier(nn.Module):
         if cfg.fusion == "heads" and cfg.mode == "fused":
             self.branch_heads = nn.ModuleList([nn.Linear(cfg.image_dim, cfg.num_classes),
                                                nn.Linear(cfg.hidden_dim, cfg.num_classes)])
-            # (joint, image, text): the answer's logits; training uses (1, 1, 1), fusion.fit_weights sets them
+            # (joint, image, text): each head's log-probabilities at its temperature, weighted and summed;
+            # training uses weights and temperatures of 1, fusion.fit sets both on the validation split
             self.register_buffer("fusion_weights", torch.ones(3))
+            self.register_buffer("fusion_temperatures", torch.ones(3))
 
     @property
     def backbone(self) -> EfficientNetLite | None:
@@ -275,7 +278,7 @@ class FusedClassifier(nn.Module):
         """Return logits [N, C] and text attention weights [N, L] (``pooled``, ``text_pooled``: see forward_all).
 
         ``branches``: a third element, the logits of the joint head and of each branch's own head
-        [3, N, C] before they are weighted (fusion ``heads``; otherwise the joint logits alone, [1, N, C]).
+        [3, N, C] before their temperatures and weights (fusion ``heads``; otherwise the joint logits alone, [1, N, C]).
         """
         logits, attn, _, parts = self._forward(image, input_ids, pooled, False, text_pooled)
         return (logits, attn, parts) if branches else (logits, attn)
@@ -323,8 +326,11 @@ class FusedClassifier(nn.Module):
             return joint, attn, ood_features, joint[None]
         # each branch's own head sees only its features: it must answer alone, as a linear probe does
         parts = torch.stack([joint, *(h(self.dropout(f)) for h, f in zip(self.branch_heads, own))])  # [3, N, C]
-        w = self.fusion_weights.to(parts.dtype)
-        return (parts * w[:, None, None]).sum(0), attn, ood_features, parts
+        # a product of experts: log-probabilities, not raw logits, so a head that memorised the training
+        # split (huge logits) cannot drown the others; its temperature, fitted on validation, tames it
+        w, t = self.fusion_weights.to(parts.dtype), self.fusion_temperatures.to(parts.dtype)
+        logp = torch.log_softmax(parts.float() / t[:, None, None].float(), dim=-1).to(parts.dtype)
+        return (logp * w[:, None, None]).sum(0), attn, ood_features, parts
 
     def _drop_modality(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Zero one branch's features for a random share of the batch (never both for one sample):
