@@ -52,7 +52,7 @@ class Classifier:
 
     @classmethod
     def load(cls, model_dir: str | Path, threads: int = 0, batch_size: int = 32,
-             provider: Literal["auto", "cuda", "tensorrt", "cpu"] = "cpu", min_confidence: float = 0.0,
+             provider: Literal["auto", "cuda", "tensorrt", "cpu", "openvino"] = "cpu", min_confidence: float = 0.0,
              ood_abstain: bool = True, max_pixels: int = 40_000_000) -> Classifier:
         """Verify and load an artifact folder (checksums, inputs and outputs, a warm-up run).
 

@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(default=8, ge=1, description=(
         "model versions loaded at once in a worker; a load past it fails with 422 model_load_failed (a version "
         "replacing another counts once)"))
-    provider: Literal["auto", "cuda", "tensorrt", "cpu"] = Field(default="auto", description='auto: CUDA if really usable, else CPU')
+    provider: Literal["auto", "cuda", "tensorrt", "cpu", "openvino"] = Field(default="auto", description=(
+        "auto: CUDA if really usable, else CPU (onnxruntime). openvino: OpenVINO on the CPU (pip install "
+        "-e '.[openvino]'), used only if its answers match onnxruntime's on a check at load"))
     device_id: int = Field(default=0, description='GPU ordinal for cuda/tensorrt')
     workers: int = Field(default=0, ge=0, description='server processes (python -m service); 0 = one per core')
     topology: Literal["auto", "workers", "owner"] = Field(default="auto", description=(

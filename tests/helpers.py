@@ -36,13 +36,13 @@ def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
 
 @contextmanager
 def app_client(model_dir: Path, raise_server_exceptions: bool = True, **settings: Any) -> Iterator[Any]:
-    """The app in this process (FastAPI's TestClient, lifespan included) on the CPU provider."""
+    """The app in this process (FastAPI's TestClient, lifespan included), on the CPU provider unless told."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(model_dir=model_dir, provider="cpu", **settings))
+    app = create_app(Settings(**{"model_dir": model_dir, "provider": "cpu", **settings}))
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as c:
         yield c
 

@@ -85,11 +85,13 @@ class Predictor:
         finally:
             ort.set_default_logger_severity(previous)
 
-    def _create_session(self, model_path: Path) -> ort.InferenceSession:
+    def _create_session(self, model_path: Path) -> Any:
         requested = self.settings.provider
         available = ort.get_available_providers()
         if requested == "cpu":
             return self._try_session(model_path, "cpu")
+        if requested == "openvino":
+            return self._openvino_session(model_path, required=True)
         if requested != "cpu" and gpu_present() and hasattr(ort, "preload_dlls"):
             # CUDA/cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) are not on the loader path
             try:
@@ -117,6 +119,37 @@ class Predictor:
                 f"CLASSIFIER_PROVIDER={requested}: onnxruntime could not start {wanted} "
                 f"(CUDA/cuDNN libraries missing or mismatched); it would have fallen back to {sess.get_providers()[0]}"
             )
+        return sess
+
+    def _openvino_session(self, model_path: Path, required: bool) -> Any:
+        """OpenVINO on the CPU if it is installed and answers as onnxruntime does on the same inputs;
+        else ProviderError (``required``) or None. Only by name (CLASSIFIER_PROVIDER=openvino): ``auto``
+        keeps onnxruntime, so installing the extra never changes what a running service computes."""
+        from . import openvino
+
+        if not openvino.available():
+            if required:
+                raise ProviderError("CLASSIFIER_PROVIDER=openvino: the openvino package is not installed "
+                                    "(pip install -e '.[openvino]'), or use provider=cpu/auto")
+            return None
+        threads = self.settings.resolved(processes=1).intra_op_threads
+        try:
+            sess = openvino.OpenVINOSession(model_path, threads)
+            manifest = load_manifest(model_path.parent, verify_checksums=False)
+            diff = openvino.parity(sess, self._try_session(model_path, "cpu"), manifest.image_size, manifest.max_len)
+        except Exception as exc:  # an op OpenVINO cannot compile, a broken install: onnxruntime serves
+            if required:
+                raise ProviderError(f"CLASSIFIER_PROVIDER=openvino: OpenVINO cannot run {model_path} "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+            log.info("OpenVINO cannot run %s (%s); using onnxruntime", model_path, type(exc).__name__)
+            return None
+        if diff > openvino.PARITY_ATOL:
+            message = f"OpenVINO's answers differ from onnxruntime's by {diff:.2e} (> {openvino.PARITY_ATOL:g})"
+            if required:
+                raise ProviderError(f"CLASSIFIER_PROVIDER=openvino: {message}")
+            log.warning("%s on %s; using onnxruntime", message, model_path)
+            return None
+        log.info("OpenVINO on the CPU: parity with onnxruntime %.1e", diff)
         return sess
 
     def _check_io(self, sess: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
@@ -184,7 +217,7 @@ class Predictor:
         """On GPUs every new input shape costs (cuDNN algorithm search, LSTM descriptors), so
         batches are padded to power-of-two buckets and captions to max_len: a handful of
         shapes, all warmed up. On CPU, padding would only add work, so shapes stay exact."""
-        return bool(self.providers) and self.providers[0] != "CPUExecutionProvider"
+        return bool(self.providers) and self.providers[0] not in ("CPUExecutionProvider", "OpenVINOCPU")
 
     def batch_buckets(self) -> list[int]:
         top = self.settings.max_batch_size
