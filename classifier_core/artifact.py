@@ -126,7 +126,8 @@ class Manifest:
         if dataset.get("name") == "builtin-synthetic":
             count = f"{total:,}" if total else "about 12,000"
             return (f"Trained on {count} synthetic drawings of {len(self.labels)} objects with captions "
-                    "(the built-in dataset), not on photographs: expect confident nonsense on real photos.")
+                    "(the built-in dataset), not on photographs: a photo is usually abstained as out-of-distribution, "
+                    "and what it names for one means little. Train on your own photos for real use.")
         # a name, never a training machine's absolute path (older artifacts recorded those)
         sources = ", ".join(Path(str(s)).name if Path(str(s)).is_absolute() else str(s)
                             for s in self.data.get("sources", [])) or "unrecorded data"
@@ -164,6 +165,9 @@ def load_manifest(model_dir: str | Path, verify_checksums: bool = True) -> Manif
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     if not path.is_file():
+        if (model_dir / "best.pt").is_file():  # a training run, not what serving reads
+            raise ArtifactError(f"{model_dir} is a training run folder, not an exported model: export it first "
+                                f"(itc export {model_dir / 'best.pt'} --out exported_models/NAME) and serve that folder")
         raise ArtifactError(f"{path}: file not found (is CLASSIFIER_MODEL_DIR an exported model folder?)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

@@ -57,6 +57,7 @@ class TrainConfig:
     shuffle_buffer: int = 10000  # samples' metadata shuffled in a bounded buffer (after the shard order is shuffled)
     progress: bool = True  # tqdm bars
     resume: str | None = None  # a run folder: continue from its last.pt (model, optimizer, epoch, generators)
+    force: bool = False  # train into an --out-dir that holds a run already, replacing its checkpoints
     # a pretrained backbone (--model.backbone) is frozen for --epochs; these fine-tune its last blocks after
     finetune_epochs: int = 0  # epochs of phase 2, from the best phase-1 weights; 0 = none
     finetune_blocks: int = 2  # backbone blocks, from the top, trained in phase 2 (with its head convolution)

@@ -29,8 +29,10 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         per_class[lab] = {"precision": p, "recall": r, "f1": f1, "support": int(cm[i, :].sum())}
     acc = float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
-    macro_f1 = float(np.mean([v["f1"] for v in per_class.values()]))
-    return {"accuracy": acc, "macro_f1": macro_f1, "n": int(cm.sum()), "labels": labels,
+    # a class with no samples here has no recall to average: macro figures are over the classes present
+    present = [v["f1"] for v in per_class.values() if v["support"]]
+    macro_f1 = float(np.mean(present)) if present else float("nan")
+    return {"accuracy": acc, "macro_f1": macro_f1, "n": int(cm.sum()), "labels": labels, "classes_present": len(present),
             "per_class": per_class, "confusion_matrix": cm.tolist()}
 
 
@@ -56,8 +58,10 @@ def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Probabilities from an exported artifact, through the service's own preprocessing."""
+def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch_size: int = 64,
+                 with_ood: bool = False) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], np.ndarray]:
+    """Probabilities from an exported artifact, through the service's own preprocessing; with
+    ``with_ood``, also whether each row would be abstained as out-of-distribution (the service's rule)."""
     import onnxruntime as ort
 
     from classifier_core.artifact import load_manifest
@@ -65,22 +69,46 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
 
     manifest = load_manifest(model_dir)
     text = TextEncoder.from_file(model_dir / manifest.tokenizer_file, manifest.max_len)
-    sess = ort.InferenceSession(str(model_dir / manifest.model_file), providers=["CPUExecutionProvider"])
-    out = []
+    sess = _session(str(model_dir / manifest.model_file), ort)
+    threshold = manifest.ood_threshold
+    names = ["probabilities"] + ([str(manifest.ood["output"])] if threshold is not None else [])
+    out, flagged = [], []
     for s in range(0, len(captions), batch_size):
         ids = text.pad(text.encode_batch(captions[s : s + batch_size]))
-        out.append(sess.run(["probabilities"], {"image": images[s : s + batch_size], "input_ids": ids})[0])
+        res = sess.run(names, {"image": images[s : s + batch_size], "input_ids": ids})
+        out.append(res[0])
+        flagged.append(res[1] > threshold if threshold is not None else np.zeros(len(res[0]), bool))
     probs = np.concatenate(out) if out else np.zeros((0, len(manifest.labels)), np.float32)
+    if with_ood:
+        return probs, manifest.labels, (np.concatenate(flagged) if flagged else np.zeros(0, bool))
     return probs, manifest.labels
 
 
-def evaluate(target: str, data: list[str] | None, split: str, seed: int | None, out: Path | None) -> dict[str, Any]:
-    """Accuracy, per-class figures and a confusion matrix, streaming the split in chunks (bounded memory)."""
+_SESSIONS: dict[str, Any] = {}
+
+
+def _session(path: str, ort: Any) -> Any:
+    # one session per artifact for the whole evaluation (it is called once per chunk of 256 rows)
+    if path not in _SESSIONS:
+        _SESSIONS.clear()
+        _SESSIONS[path] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return _SESSIONS[path]
+
+
+def evaluate(target: str, data: list[str] | None, split: str | None, seed: int | None, out: Path | None) -> dict[str, Any]:
+    """Accuracy, per-class figures and a confusion matrix, streaming the split in chunks (bounded memory).
+
+    ``split`` None: the test split of the model's own data, or every row of ``data`` given (data the
+    model did not train on has no splits to respect). Beside the accuracy with captions: the accuracy
+    with empty captions (what the image alone gives) and, for an artifact with an OOD score, the
+    share the service would abstain on."""
+    split = split or ("all" if data else "test")
     from .data import DataSpec, SkipReport
     from .stream import chunks
 
     path = Path(target)
     predict: Any
+    abstained: Any
     if path.is_dir() and (path / "manifest.json").is_file():  # exported artifact
         from classifier_core.artifact import load_manifest
 
@@ -91,6 +119,9 @@ def evaluate(target: str, data: list[str] | None, split: str, seed: int | None, 
 
         def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
             return onnx_predict(path, images, captions)[0]
+
+        def abstained(images: np.ndarray, captions: list[str]) -> np.ndarray:
+            return onnx_predict(path, images, captions, with_ood=True)[2]  # type: ignore[misc]
     else:  # checkpoint
         import torch
 
@@ -106,16 +137,26 @@ def evaluate(target: str, data: list[str] | None, split: str, seed: int | None, 
         def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
             ids = [e.ids for e in text.encode_batch(captions)]
             return predict_probs(model, Tensors(torch.from_numpy(images), ids, torch.zeros(len(ids), dtype=torch.long)))
+
+        abstained = None
     index = {lab: i for i, lab in enumerate(labels)}
     skipped = SkipReport()
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
+    y_image: list[np.ndarray] = []
+    flags: list[np.ndarray] = []
     for c in chunks(spec, split, labels, image_size, report=skipped):
         y_true.append(np.array([index[x] for x in c.labels], dtype=np.int64))
         y_pred.append(predict(c.images, c.captions).argmax(-1))
+        y_image.append(predict(c.images, [""] * len(c.captions)).argmax(-1))
+        if abstained is not None:
+            flags.append(abstained(c.images, c.captions))
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
-    report = classification_report(cat(y_true), cat(y_pred), labels)
-    report.update({"target": str(target), "split": split, "seed": seed, "skipped": skipped.to_dict()})
+    truth = cat(y_true)
+    report = classification_report(truth, cat(y_pred), labels)
+    report.update({"target": str(target), "split": split, "seed": seed, "skipped": skipped.to_dict(),
+                   "accuracy_without_captions": float((cat(y_image) == truth).mean()) if len(truth) else float("nan"),
+                   "abstained_ood": float(np.concatenate(flags).mean()) if flags and len(truth) else None})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(jsonsafe.dumps(report, indent=2))
@@ -128,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help="a checkpoint (.pt) or an exported model folder")
     p.add_argument("--data", default=None, help="data sources, comma separated (default: the ones the model was trained on)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="(default: test)")
+    p.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
+                   help="(default: test of the model's own data; with --data, all: every row of data it did not train on)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model was trained with)")
     p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png "
                    "(default: runs/eval/<the model's folder name>; never inside an exported model)")
@@ -144,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.json:
         print(jsonsafe.dumps(report, indent=2))  # noqa: T201
     else:
-        print(f"{a.target} on {a.split}: accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, n={report['n']}")  # noqa: T201
+        ood = report["abstained_ood"]
+        print(f"{a.target} on {report['split']} ({', '.join(a.data.split(',')) if a.data else 'its own data'}): "  # noqa: T201
+              f"accuracy {report['accuracy']:.4f} with captions, {report['accuracy_without_captions']:.4f} without; "
+              f"macro F1 {report['macro_f1']:.4f} over the {report['classes_present']} classes present; n={report['n']}"
+              + (f"; abstained as out-of-distribution: {100 * ood:.1f} %" if ood is not None else ""))
         for lab, m in report["per_class"].items():
             print(f"  {lab:>14}  P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  n={m['support']}")  # noqa: T201
         print(f"report: {out / 'report.json'}, confusion matrix: {out / 'confusion_matrix.png'}")  # noqa: T201

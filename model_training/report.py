@@ -15,7 +15,9 @@ def plot_curves(log_path: Path, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    epochs = [r["epoch"] for r in rows]
+    # epochs as run, 1..n: an early-stopped phase 1 leaves a gap in the epoch numbers (phase 2 counts
+    # from --epochs), which would draw as a jump in the curves
+    epochs = list(range(1, len(rows) + 1))
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, what in ((loss_ax, "loss"), (acc_ax, "acc")):
         ax.plot(epochs, [r[f"train_{what}"] for r in rows], marker="o", label="train")
@@ -24,10 +26,11 @@ def plot_curves(log_path: Path, path: Path, title: str) -> None:
         ax.set_ylabel("accuracy" if what == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    phase2 = [r["epoch"] for r in rows if r.get("phase") == 2]
+    phase2 = [i for i, r in zip(epochs, rows, strict=True) if r.get("phase") == 2]
     if phase2:  # where fine-tuning of the backbone began
         for ax in (loss_ax, acc_ax):
             ax.axvline(phase2[0] - 0.5, color="grey", linestyle="--", linewidth=1)
+            ax.set_xlabel("epoch run (dashed: fine-tuning starts)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -43,7 +46,9 @@ def write_summary(path: Path, summary: dict[str, Any], sources: list[str], label
         "",
         f"- data: {', '.join(sources)}",
         f"- samples: {n['train']} train / {n['val']} val / {n['test']} test, {len(labels)} labels",
-        f"- best epoch: {summary['best_epoch']} of {summary['epochs_run']} run",
+        f"- best epoch: {summary.get('best_epoch_run', summary['best_epoch'])} of {summary['epochs_run']} run"
+        + (f" ({summary['epochs_frozen']} with the backbone frozen, then {summary['epochs_run'] - summary['epochs_frozen']} "
+           "fine-tuning it)" if summary.get("epochs_frozen") not in (None, summary["epochs_run"]) else ""),
         f"- accuracy: train {summary['train_acc']:.4f}, validation {summary['val_acc']:.4f}, "
         f"**test {summary['test_acc']:.4f}**",
         f"- skipped: {sum(summary['skipped'].values())} samples (skipped.json lists them)",

@@ -56,7 +56,7 @@ def ordered_samples(spec: DataSpec, split: str, labels: set[str], epoch: int, sh
     def walk() -> Iterator[Sample]:
         for unit in order:
             for name, s in spec.only(unit).samples(quiet):
-                if name == split and s.label in labels:
+                if (split == "all" or name == split) and s.label in labels:  # all: every split (evaluate --data)
                     yield s
 
     if not shuffle or buffer <= 1:  # (a buffer of 0 or 1 shuffles nothing: the shard order only)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -262,6 +263,9 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     if resume is not None:
         cfg.out_dir = str(cfg.resume)  # a resumed run goes on writing into its own folder
     out = Path(cfg.out_dir)
+    if resume is None and not cfg.force and (out / "best.pt").exists():
+        raise DataError(f"--out-dir {out} holds a run already (best.pt): pass --resume {out} to continue it, "
+                        "--force to replace it, or another --out-dir")
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
     if cfg.schedule not in ("constant", "cosine"):
@@ -508,8 +512,8 @@ def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, 
                     "(near-duplicates? split by a source with --group-key)", dups)
     summary: dict[str, Any] = {
         "mode": cfg.model.mode,
-        "best_epoch": int(ckpt["extra"]["epoch"]),
-        "epochs_run": len((out / "log.jsonl").read_text().splitlines()),
+        "best_epoch": int(ckpt["extra"]["epoch"]),  # as numbered in log.jsonl (fine-tuning counts from --epochs)
+        **_epochs_run(out / "log.jsonl", int(ckpt["extra"]["epoch"])),
         "world_size": dd.world,
         **{f"{s}_acc": results[s].accuracy for s in ("train", "val", "test")},
         **{f"n_{s}": len(results[s].targets) for s in ("train", "val", "test")},
@@ -559,6 +563,13 @@ def fit_fusion(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, to
              "image head %.4f, text head %.4f, as trained %.4f)", fit["weights"], fit["rows"], fit.get("val_acc", float("nan")),
              heads.get("joint", float("nan")), heads.get("image", float("nan")), heads.get("text", float("nan")),
              heads.get("trained", float("nan")))
+
+
+def _epochs_run(log_path: Path, best_epoch: int) -> dict[str, int]:
+    """Epochs run, how many of them in phase 1, and the best one's place among them (1-based)."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    place = next((i for i, r in enumerate(rows, 1) if r.get("epoch") == best_epoch), best_epoch)
+    return {"epochs_run": len(rows), "epochs_frozen": sum(1 for r in rows if r.get("phase", 1) == 1), "best_epoch_run": place}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import DEFAULT_MODEL, ROOT, free_port, running_server
@@ -44,3 +45,21 @@ def test_the_api_examples_run_as_written_against_a_live_service() -> None:
             assert out.stdout.strip(), code  # each example prints its answer
             if lang == "bash":
                 assert '"label"' in out.stdout and '"request_id"' in out.stdout, out.stdout[:500]
+
+
+def test_the_no_server_examples_run_as_written() -> None:
+    examples = blocks("Without a server")
+    assert [lang for lang, _ in examples] == ["bash", "python"], examples
+    answers = ROOT / "runs" / "answers.csv"
+    answers.unlink(missing_ok=True)
+    for lang, code in examples:
+        cmd = ["bash", "-euo", "pipefail", "-c", f'PATH="{Path(sys.executable).parent}:$PATH"; {code}'] if lang == "bash" \
+            else [sys.executable, "-c", code]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (code, out.stdout[-500:], out.stderr[-1500:])
+        assert out.stdout.strip(), code
+    rows = answers.read_text().splitlines()
+    assert len(rows) == 1 + len(list((ROOT / "examples").glob("*.jpg"))) and rows[0].startswith("key,path,label")
+    answers.unlink()
+    printed = out.stdout.split()
+    assert printed[:2] == ["tomato", "tomato"] and "None" in printed[4:] and "out_of_distribution" in printed  # the cat: abstained

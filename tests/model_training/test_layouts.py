@@ -160,6 +160,10 @@ def test_user_mistakes_end_every_command_with_one_line_and_exit_2(csv_run: Path,
     out = cli("--model-dir", str(tmp_path), module="service")
     assert out.returncode == 2 and error_lines(out) == [
         f"service: cannot start: {tmp_path}/manifest.json: file not found (is CLASSIFIER_MODEL_DIR an exported model folder?)"]
+    out = cli("--model-dir", str(csv_run), module="service")  # a training run: say what to do with it
+    assert out.returncode == 2 and error_lines(out) == [
+        f"service: cannot start: {csv_run} is a training run folder, not an exported model: export it first "
+        f"(itc export {csv_run / 'best.pt'} --out exported_models/NAME) and serve that folder"]
 
 
 def test_evaluate_defaults_to_the_runs_own_data(csv_run: Path, tmp_path: Path) -> None:

@@ -172,3 +172,25 @@ def test_the_written_manifest_is_the_readers_object_whole(tiny_artifact: Path) -
     written = json.loads((tiny_artifact / "manifest.json").read_text())
     assert Manifest.from_dict(written).to_dict() == written
     assert {"parity", "training", "serving", "calibration", "ood"} <= set(written)
+
+
+def test_evaluate_scores_every_row_of_data_it_never_trained_on(tiny_artifact: Path, tmp_path: Path) -> None:
+    """A held-out folder: every row counts (no 10 % test split of it), and the six classes it lacks do not
+    pull the macro F1 down as zeros."""
+    from helpers import ROOT
+
+    from model_training import evaluate
+
+    held = tmp_path / "heldout"
+    for label, name in (("tomato", "tomato.jpg"), ("lemon", "lemon.jpg")):
+        (held / label).mkdir(parents=True)
+        for i in range(5):
+            (held / label / f"{i}.jpg").write_bytes((ROOT / "examples" / name).read_bytes())
+            (held / label / f"{i}.txt").write_text(f"a {label}" if i % 2 else "")
+    r = evaluate.main([str(tiny_artifact), "--data", str(held), "--out", str(tmp_path / "e"), "--json"])
+    assert r["split"] == "all" and r["n"] == 10 and r["classes_present"] == 2
+    present = [m["f1"] for m in r["per_class"].values() if m["support"]]
+    assert r["macro_f1"] == pytest.approx(sum(present) / 2)
+    assert 0.0 <= r["accuracy_without_captions"] <= 1.0 and r["abstained_ood"] is not None
+    only_test = evaluate.main([str(tiny_artifact), "--data", str(held), "--split", "test", "--out", str(tmp_path / "t"), "--json"])
+    assert only_test["n"] < 10  # the split, only when asked

@@ -58,7 +58,8 @@ def test_the_command_refuses_and_writes_nothing(tiny_pretrained_artifact: Path, 
     assert r.returncode == 2 and "pass --data" in r.stderr, r.stderr  # the manifest names its data, not where it was
     # a negative allowance: no quantized graph can pass it, so the refusal path runs end to end
     r = subprocess.run([sys.executable, "-m", "model_training", "quantize", str(tiny_pretrained_artifact), "--out", str(out),
-                        "--max-drop", "-1", "--calibration-rows", "64", "--data", str(tiny_data)], capture_output=True, text=True, timeout=300)
+                        "--max-drop", "-1", "--calibration-rows", "64", "--data", str(tiny_data)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr
     assert "quantization refused" in r.stderr and "points lost" in r.stderr and "->" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".quantize-*"))
