@@ -94,7 +94,7 @@ class Classifier:
         p = self._predictor
         out = []
         for pred in p.predict(images, p.encode(list(captions))):
-            order = np.argsort(-pred.probabilities)[: max(1, top_k)]
+            order = pred.probabilities.argsort(kind="stable")[::-1][: max(1, top_k)]  # as routes/classify.py ranks
             reason = pred.abstain_reason(self.min_confidence, self.ood_abstain)
             best = self.labels[int(order[0])]
             out.append(Answer(None if reason else best, pred.confidence, reason,

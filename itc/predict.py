@@ -51,18 +51,34 @@ def plain_folder(root: Path) -> Iterator[Item]:
 def unlabelled_table(path: Path, image_key: str, caption_key: str) -> Iterator[Item]:
     """A CSV/TSV or JSON Lines table with an image column and, optionally, a caption column."""
     def rows() -> Iterator[dict[str, Any]]:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             if path.suffix.lower() in (".jsonl", ".ndjson"):
                 for line in f:
                     if line.strip():
-                        yield json.loads(line)
+                        try:
+                            row = json.loads(line)
+                        except ValueError:
+                            row = None
+                        yield row if isinstance(row, dict) else {}  # a bad line: a row with no image, its error
             else:
                 yield from csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     for n, row in enumerate(rows(), 1):
         image = str(row.get(image_key) or "")
-        p = (path.parent / image) if image else path.parent
-        yield Item(f"{path.name}:{n}", str(p), str(row.get(caption_key) or ""), "",
-                   (lambda p=p: p.read_bytes()) if image else (lambda: b""))
+        p = path.parent / image
+        yield Item(f"{path.name}:{n}", str(p) if image else "", str(row.get(caption_key) or ""), "",
+                   (lambda p=p: p.read_bytes()) if image else _failing(f"no {image_key!r} in this row"))
+
+
+def _columns(path: Path) -> set[str]:
+    """A table's column names (CSV/TSV header, or the first JSON Lines object's keys)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        first = f.readline()
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        try:
+            return set(json.loads(first)) if first.strip() else set()
+        except (ValueError, TypeError):
+            return set()
+    return {c.strip() for c in next(csv.reader([first], delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])}
 
 
 def items(data: str, image_key: str, caption_key: str, label_key: str) -> Iterator[Item]:
@@ -73,11 +89,9 @@ def items(data: str, image_key: str, caption_key: str, label_key: str) -> Iterat
             and not any(d.is_dir() for d in p.iterdir()):
         yield from plain_folder(p)
         return
-    if p.is_file() and source_kind(p) == "table":
-        head = p.open(encoding="utf-8").readline()
-        if label_key not in head:  # no labels: answers only
-            yield from unlabelled_table(p, image_key, caption_key)
-            return
+    if p.is_file() and source_kind(p) == "table" and label_key not in _columns(p):  # no labels: answers only
+        yield from unlabelled_table(p, image_key, caption_key)
+        return
     report = SkipReport()
     for s in read_any([p], report, label_key, columns=Columns(label=label_key, image=image_key, caption=caption_key)):
         yield Item(s.key, s.key, s.caption, s.label, s.read)

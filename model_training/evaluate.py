@@ -7,6 +7,7 @@ the figures as JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         per_class[lab] = {"precision": p, "recall": r, "f1": f1, "support": int(cm[i, :].sum())}
     acc = float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
-    # a class with no samples here has no recall to average: macro figures are over the classes present
-    present = [v["f1"] for v in per_class.values() if v["support"]]
+    # a class neither present nor predicted here has no figure to average: macro F1 is over the classes
+    # that are either (as sklearn's labels=None): an answer naming an absent class still counts against it
+    present = [v["f1"] for i, v in enumerate(per_class.values()) if v["support"] or cm[:, i].sum()]
     macro_f1 = float(np.mean(present)) if present else float("nan")
     return {"accuracy": acc, "macro_f1": macro_f1, "n": int(cm.sum()), "labels": labels, "classes_present": len(present),
             "per_class": per_class, "confusion_matrix": cm.tolist()}
@@ -95,6 +97,20 @@ def _session(path: str, ort: Any) -> Any:
     return _SESSIONS[path]
 
 
+def _same_sources(target: str, data: list[str]) -> bool:
+    """Whether ``data`` names the sources the model was trained on (by file or folder name: an
+    artifact records names, not a training machine's paths); their test split is then what is fair."""
+    path = Path(target)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        recorded = json.loads((path / "manifest.json").read_text()).get("data", {}).get("sources", [])
+    else:
+        from .checkpoint import read_checkpoint
+
+        recorded = read_checkpoint(path)["train_config"].get("data", [])
+    names = (lambda xs: sorted(Path(str(x).rstrip("/")).name for x in xs))  # noqa: E731
+    return bool(recorded) and names(recorded) == names(data)
+
+
 def evaluate(target: str, data: list[str] | None, split: str | None, seed: int | None, out: Path | None) -> dict[str, Any]:
     """Accuracy, per-class figures and a confusion matrix, streaming the split in chunks (bounded memory).
 
@@ -102,7 +118,7 @@ def evaluate(target: str, data: list[str] | None, split: str | None, seed: int |
     model did not train on has no splits to respect). Beside the accuracy with captions: the accuracy
     with empty captions (what the image alone gives) and, for an artifact with an OOD score, the
     share the service would abstain on."""
-    split = split or ("all" if data else "test")
+    split = split or ("all" if data and not _same_sources(target, data) else "test")
     from .data import DataSpec, SkipReport
     from .stream import chunks
 
@@ -170,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a checkpoint (.pt) or an exported model folder")
     p.add_argument("--data", default=None, help="data sources, comma separated (default: the ones the model was trained on)")
     p.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
-                   help="(default: test of the model's own data; with --data, all: every row of data it did not train on)")
+                   help="(default: test when --data is absent or names the sources the model trained on; all, every row, for "
+                        "any other --data)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the one the model was trained with)")
     p.add_argument("--out", default=None, help="folder for report.json and confusion_matrix.png "
                    "(default: runs/eval/<the model's folder name>; never inside an exported model)")

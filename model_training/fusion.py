@@ -94,10 +94,11 @@ def fit_weights(parts: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     if len(targets) == 0:
         return {"weights": [1.0, 1.0, 1.0], "temperatures": [1.0, 1.0, 1.0], "rows": 0}
     temps = tuple(temperature(parts[k], targets) for k in range(3))
-    grid = [(j, i, t) for j in JOINT for i, t in MIXTURES]
-    scored = [(score(w, temps, parts, targets), w) for w in grid]
-    (acc, loss), best = max(scored, key=lambda s: (s[0][0], -s[0][1]))
     ones = (1.0, 1.0, 1.0)
+    grid = [(j, i, t) for j in JOINT for i, t in MIXTURES]
+    scored = [(score(w, temps, parts, targets), w, temps) for w in grid]
+    scored.append((score(ones, ones, parts, targets), ones, ones))  # as trained: what chose the best epoch
+    (acc, loss), best, temps = max(scored, key=lambda s: (s[0][0], -s[0][1]))
     heads = {name: score(w, ones, parts, targets)[0]
              for name, w in (("joint", (1, 0, 0)), ("image", (0, 1, 0)), ("text", (0, 0, 1)), ("trained", ones))}
     return {"weights": [float(x) for x in best], "temperatures": [float(t) for t in temps], "rows": len(targets),

@@ -266,6 +266,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
     if resume is None and not cfg.force and (out / "best.pt").exists():
         raise DataError(f"--out-dir {out} holds a run already (best.pt): pass --resume {out} to continue it, "
                         "--force to replace it, or another --out-dir")
+    cfg.force = False  # a one-time permission: config.yaml, reused with --config, must not carry it
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dd.world))
     if cfg.schedule not in ("constant", "cosine"):
@@ -317,6 +318,9 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
         epoch += 1
         if prog.phase == 1 and epoch > cfg.epochs:  # phase 2: from the best phase-1 weights
             model.load_state_dict(read_checkpoint(out / "best.pt")["state_dict"])
+            if model.branch_heads is not None:  # a finished run's best.pt holds its fit: train on as trained before
+                model.fusion_weights.fill_(1.0)
+                model.fusion_temperatures.fill_(1.0)
             prog.phase, prog.stale = 2, 0
             run = Run(cfg, model, dd, 2)
             caches = {}
@@ -497,7 +501,7 @@ def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, 
                  dd: distributed.Dist, t0: float) -> dict[str, Any]:
     """The best checkpoint on all three splits (streamed, every rank its share), the skips, and images
     shared between splits; rank 0 writes the files."""
-    best, ckpt = load_checkpoint(out / "best.pt")  # rank 0 saved it before the last broadcast_flag
+    best, ckpt = load_checkpoint(out / "best.pt")  # rank 0 saved it before the last broadcast_flag (and fit_fusion's barrier)
     best.to(dd.device)
     results = {s: predict_split(best, spec, s, index.labels, tok_json, cfg, dd) for s in ("train", "val", "test")}
     if not dd.main:
@@ -551,9 +555,14 @@ def fit_fusion(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, to
     shares = [s for s in dd.gather((targets, parts)) if isinstance(s, tuple)]
     targets = np.concatenate([s[0] for s in shares])
     parts = np.concatenate([s[1] for s in shares], axis=1)
-    if not dd.main:
-        return
-    fit = fusion.fit_weights(parts, targets)
+    if dd.main:
+        _write_fusion(out, ckpt, best, fusion.fit_weights(parts, targets))
+    dd.barrier()  # every rank's final report reads best.pt: only once it holds the fitted weights
+
+
+def _write_fusion(out: Path, ckpt: dict[str, Any], best: FusedClassifier, fit: dict[str, Any]) -> None:
+    from . import fusion
+
     fusion.apply(best, fit)
     ckpt["state_dict"] = best.cpu().state_dict()
     ckpt["extra"] = {**ckpt["extra"], "fusion": fit}

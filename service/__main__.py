@@ -104,7 +104,7 @@ def resolve_topology(settings: Settings) -> str:
     """``workers`` or ``owner`` (see Settings.topology); auto picks the owner only where a GPU will run the model."""
     if settings.topology != "auto":
         return settings.topology
-    if settings.provider == "cpu":
+    if settings.provider in ("cpu", "openvino"):  # CPU engines: a model per worker process
         return "workers"
     import onnxruntime as ort
 

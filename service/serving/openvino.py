@@ -78,13 +78,16 @@ class OpenVINOSession:
 
 
 def parity(candidate: Any, reference: Any, image_size: int, max_len: int) -> float:
-    """Max |probability difference| of two sessions on random images and captions of several shapes."""
+    """Max |probability difference| of two sessions on random images and captions of several shapes,
+    and of their OOD scores relative to the score's size."""
     rng = np.random.default_rng(0)
     worst = 0.0
     for batch, length in ((1, 1), (3, max_len), (8, max(1, max_len // 2))):
         feed = {"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
                 "input_ids": rng.integers(2, 6, (batch, length)).astype(np.int64)}  # ids every vocabulary has
-        a = candidate.run(["probabilities"], feed)[0]
-        b = reference.run(["probabilities"], feed)[0]
-        worst = max(worst, float(np.abs(a - b).max()))
+        names = [o.name for o in reference.get_outputs() if o.name in ("probabilities", "ood_score")]
+        for name, a, b in zip(names, candidate.run(names, feed), reference.run(names, feed), strict=True):
+            # the OOD score decides abstention: compared relative to its size (a distance, not a probability)
+            scale = 1.0 if name == "probabilities" else max(1.0, float(np.abs(b).max()))
+            worst = max(worst, float(np.abs(a - b).max()) / scale)
     return worst
