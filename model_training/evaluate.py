@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ood = report["abstained_ood"]
         print(f"{a.target} on {report['split']} ({', '.join(a.data.split(',')) if a.data else 'its own data'}): "  # noqa: T201
               f"accuracy {report['accuracy']:.4f} with captions, {report['accuracy_without_captions']:.4f} without; "
-              f"macro F1 {report['macro_f1']:.4f} over the {report['classes_present']} classes present; n={report['n']}"
+              f"macro F1 {report['macro_f1']:.4f} over the {report['classes_present']} classes present or predicted; n={report['n']}"
               + (f"; abstained as out-of-distribution: {100 * ood:.1f} %" if ood is not None else ""))
         for lab, m in report["per_class"].items():
             print(f"  {lab:>14}  P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  n={m['support']}")  # noqa: T201
