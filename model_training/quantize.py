@@ -297,6 +297,10 @@ def _manifest(m: Manifest, src: Path, folder: Path, cfg: QuantizeConfig, nodes: 
         d["ood"] = {**d["ood"], "threshold": figures["ood_threshold"]["int8"], "threshold_float": figures["ood_threshold"]["float"],
                     "threshold_int8": "the float threshold's rank among the validation split's scores, on the int8 graph's scores",
                     "flagged": {s: figures[s]["ood_flagged"]["int8"] for s in ("val", "test") if "ood_flagged" in figures.get(s, {})}}
+    test = figures.get("test", {})
+    if test.get("accuracy", {}).get("int8") is not None:  # the metrics describe this graph, not the float one
+        d["metrics"] = {m.mode: {"test_acc": test["accuracy"]["int8"], "n_test": test["rows"],
+                                 "float_test_acc": test["accuracy"]["float"]}}
     d["serving"] = {"model_bytes": (folder / m.model_file).stat().st_size,
                     "session_load_s": round(_load_seconds(folder / m.model_file), 3)}
     (folder / MANIFEST).write_text(json.dumps(d, indent=2) + "\n")

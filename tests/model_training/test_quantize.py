@@ -38,6 +38,7 @@ def test_a_good_quantization_passes_the_gate_and_records_both_figures(tiny_pretr
     for split in ("val", "test"):
         acc = m.quantization["figures"][split]["accuracy"]
         assert acc["float"] - acc["int8"] <= 0.005, acc
+    assert m.metrics[m.mode]["test_acc"] == m.quantization["figures"]["test"]["accuracy"]["int8"]  # this graph's
     assert m.quantization["quantized_nodes"] == 2 and m.quantization["float_convolutions"] > 40  # as configured
     assert m.serving["model_bytes"] < load_manifest(tiny_pretrained_artifact).serving["model_bytes"]
     assert "eval_report.json" not in m.files  # the float model's report does not describe this graph
