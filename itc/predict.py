@@ -7,7 +7,9 @@ their labels, where present, are written as ``true_label``), a table without a l
 plain folder of images with optional ``.txt`` captions beside them (``a.jpg`` + ``a.txt``). One row
 per image goes to ``--out`` (``.csv`` or ``.jsonl``), written as it is computed: key, path, label (empty
 when the model abstained), abstained (why), confidence, best_guess, top_k, ood_score, true_label,
-error. An image that cannot be read is a row with its error, never the end of the run. Memory stays
+error. An image that cannot be read is a row with its error, in its place, never the end of the run;
+rows a table's or shard's reader rejects before any image is read (an image file that is not there)
+come after the others. Unlabelled .tar shards are not read (their reader needs labels): use a table. Memory stays
 bounded: rows are read, decoded and answered ``--batch-size`` at a time. The answers are those of
 ``POST /classify`` (``itc.api.Classifier``: the service's own predictor).
 """
