@@ -9,7 +9,8 @@ activations with MinMax ranges measured on **training** rows
 (``--calibration-rows``, through the service's own preprocessing and tokenizer), of the backbone's
 convolutions **and their ReLU6** (a Clip left out of the quantized set makes onnxruntime quantize the
 convolution's output before the clip, wasting most of the 256 levels on values the clip removes).
-What stays float: the stem convolution (it reads the raw pixels; quantized, it moved the
+A pretrained caption encoder (MiniLM) gets dynamic int8 of its weight MatMuls (``--no-text-encoder``
+leaves it float). What stays float: the stem convolution (it reads the raw pixels; quantized, it moved the
 activation statistics enough to flag most inputs out-of-distribution), the caption branch, the head
 and the out-of-distribution head (its Mahalanobis distance amplifies any error). ``--keep-float``
 leaves more of the backbone float where an artifact fails the gate (the projection convolutions of
@@ -55,6 +56,7 @@ class QuantizeConfig:
     max_drop: float = 0.005  # accuracy on val and on test may fall by at most this (0.5 point)
     max_flag_rise: float = 0.01  # the share flagged out-of-distribution may rise by at most this (1 point)
     eval_rows: int = 4096  # rows of each of val and test compared (as export's report)
+    text_encoder: bool = True  # a pretrained caption encoder (MiniLM): dynamic int8 of its weight MatMuls too
     # backbone convolutions left float, by role (stem, project, expand, depthwise, head) and, for
     # blocks, the last block index it applies to: "project<8" = projections of blocks 0-7
     keep_float: tuple[str, ...] = ("stem",)
@@ -82,6 +84,28 @@ def _kept(role: str, block: int | None, keep: tuple[str, ...]) -> bool:
         if r == role and (not upto or (block is not None and block < int(upto))):
             return True
     return False
+
+
+def encoder_matmuls(model_path: Path) -> list[str]:
+    """The pretrained caption encoder's weight products (MiniLM's query, key, value, output and
+    feed-forward MatMuls: an initializer on one side); none for the paper's caption branch."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.name.startswith("/text_encoder/encoder/")
+            and any(i in weights for i in n.input)]
+
+
+def quantize_encoder(path: Path, nodes: list[str]) -> None:
+    """Dynamic int8 of the caption encoder's weight products, in place (the usual recipe for a BERT:
+    int8 weights, activations quantized per call from their own range, so no calibration)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.name + ".dyn")
+    quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                     weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    os.replace(tmp, path)
 
 
 def plan(model_path: Path, keep_float: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -265,11 +289,15 @@ def quantize_artifact(src: str | Path, out: str | Path, cfg: QuantizeConfig | No
             if f not in ("eval_report.json", "confusion_matrix.png"):  # the float model's evaluation, not this one's
                 shutil.copy2(src / f, tmp / f)
         quantize_graph(src / m.model_file, tmp / m.model_file, calibration, nodes)
+        encoder = encoder_matmuls(src / m.model_file) if cfg.text_encoder else []
+        if encoder:
+            quantize_encoder(tmp / m.model_file, encoder)
         figures = compare(src / m.model_file, tmp / m.model_file, splits, m.ood_threshold, cfg.threads)
         failures = gate(figures, cfg)
         if failures:
             raise QuantizeError("the int8 graph does not answer as the float one does, nothing written: " + "; ".join(failures))
-        manifest = _manifest(m, src, tmp, cfg, nodes, kept, len(calibration.targets), figures, version, time.time() - t0)
+        manifest = _manifest(m, src, tmp, cfg, nodes + encoder, kept, len(calibration.targets), figures, version,
+                             time.time() - t0)
         from .export import write_atomically
 
         write_atomically(tmp, out)
@@ -288,7 +316,8 @@ def _manifest(m: Manifest, src: Path, folder: Path, cfg: QuantizeConfig, nodes: 
     d["version"] = version or f"{m.version}-int8"
     d["files"] = {f: sha256_file(folder / f) for f in sorted(os.listdir(folder)) if (folder / f).is_file()}
     d["quantization"] = {
-        "type": "int8", "method": "onnxruntime static, QDQ, int8 weights per channel (7-bit range), uint8 activations (MinMax)",
+        "type": "int8", "method": "onnxruntime static, QDQ, int8 weights per channel (7-bit range), uint8 activations (MinMax)"
+                                  + ("; caption encoder: dynamic int8 MatMuls" if any("/text_encoder/" in n for n in nodes) else ""),
         "calibration": {"split": "train", "rows": calibrated}, "quantized_nodes": len(nodes),
         "float_convolutions": len(kept), "config": asdict(cfg), "source": {"version": m.version, "model_sha256": m.files[m.model_file]},
         "gate": {"max_drop": cfg.max_drop, "max_flag_rise": cfg.max_flag_rise}, "figures": figures,
@@ -321,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-float", default=",".join(QuantizeConfig.keep_float),
                    help="backbone convolutions left float, by role: stem, expand, depthwise, project, head, optionally "
                         f"'<N' for blocks below N (default: {','.join(QuantizeConfig.keep_float)})")
+    p.add_argument("--no-text-encoder", action="store_true", help="leave a MiniLM caption encoder float")
     p.add_argument("--force", action="store_true", help="replace an existing folder at --out")
     return p
 
@@ -328,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
     cfg = QuantizeConfig(calibration_rows=a.calibration_rows, max_drop=a.max_drop,
-                         keep_float=tuple(x for x in a.keep_float.split(",") if x))
+                         keep_float=tuple(x for x in a.keep_float.split(",") if x), text_encoder=not a.no_text_encoder)
     manifest = quantize_artifact(a.artifact, a.out, cfg, a.data.split(",") if a.data else None, a.version, a.force)
     q = manifest["quantization"]
     lines = [f"{s}: accuracy {f['accuracy']['float']:.4f} (float) -> {f['accuracy']['int8']:.4f} (int8), "

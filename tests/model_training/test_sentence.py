@@ -138,3 +138,20 @@ def test_the_artifact_carries_the_encoder_with_parity_and_serves_the_same_tokens
         # pieces, not [UNK]: "kittens" -> kitten ##s, each weighted as the mean pooling weighs it
         assert [t["token"] for t in body["text_attention"]] == served.encode("kittens playing").tokens
         assert "[UNK]" not in served.encode("kittens playing").tokens
+    # itc quantize's caption-encoder step: dynamic int8 of MiniLM's weight products, the same answers
+    import onnx
+    import onnxruntime as ort
+
+    from model_training import quantize as q
+
+    int8 = tmp_path / "int8.onnx"
+    int8.write_bytes((art / "model.onnx").read_bytes())
+    nodes = q.encoder_matmuls(art / "model.onnx")
+    assert len(nodes) == 6 * 6  # query, key, value, output, feed-forward in and out, in each of 6 layers
+    q.quantize_encoder(int8, nodes)
+    assert sum(n.op_type == "MatMulInteger" for n in onnx.load(str(int8)).graph.node) == 36
+    rows = [c for caps in HELD_OUT.values() for c in caps]
+    feed = {"image": np.full((len(rows), 32, 32, 3), 128, np.uint8), "input_ids": served.pad(served.encode_batch(rows))}
+    fp, i8 = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"], feed)[0]
+              for path in (art / "model.onnx", int8))
+    assert (fp.argmax(1) == i8.argmax(1)).mean() >= 11 / 12 and np.abs(fp - i8).max() < 0.1
