@@ -5,7 +5,7 @@ Every interval it prints the server's resident memory, open file descriptors and
 exits 1 on any 5xx or dropped connection, or when memory or descriptors keep growing.
 
     python -m benchmarks.soak --minutes 10              # starts its own server on the default model
-    python -m benchmarks.soak --minutes 1 --interval 10 # the CI variant
+    python -m benchmarks.soak --minutes 0.5 --interval 5 # the CI variant
     python -m benchmarks.soak --minutes 10 --attacks 2  # with attackers mixing hostile inputs in
     python -m benchmarks.soak --url http://host:8000 --pid 1234 --minutes 30
 """
