@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ class LitServe:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([python, "-m", "benchmarks.peer_litserve", "--model-dir", str(model_dir), "--port",
                                       str(self.port), "--workers", str(workers)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
         jpeg = make_jpegs(64, 48, 1)[0]
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -52,7 +53,8 @@ class LitServe:
         raise RuntimeError("litserve not ready")
 
     def stop(self) -> None:
-        self.proc.terminate()
+        # LitServe's worker processes outlive a terminated parent: end the whole session
+        os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=30)
         self.log.close()
 
