@@ -69,9 +69,7 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
     from classifier_core.artifact import load_manifest
     from classifier_core.text import TextEncoder
 
-    manifest = load_manifest(model_dir)
-    text = TextEncoder.from_file(model_dir / manifest.tokenizer_file, manifest.max_len)
-    sess = _session(str(model_dir / manifest.model_file), ort)
+    manifest, text, sess = _loaded(model_dir, ort, load_manifest, TextEncoder)
     threshold = manifest.ood_threshold
     names = ["probabilities"] + ([str(manifest.ood["output"])] if threshold is not None else [])
     out, flagged = [], []
@@ -86,15 +84,19 @@ def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch
     return probs, manifest.labels
 
 
-_SESSIONS: dict[str, Any] = {}
+_LOADED: dict[tuple[Path, int], tuple[Any, Any, Any]] = {}
 
 
-def _session(path: str, ort: Any) -> Any:
-    # one session per artifact for the whole evaluation (it is called once per chunk of 256 rows)
-    if path not in _SESSIONS:
-        _SESSIONS.clear()
-        _SESSIONS[path] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return _SESSIONS[path]
+def _loaded(model_dir: Path, ort: Any, load_manifest: Any, encoder: Any) -> tuple[Any, Any, Any]:
+    # manifest (checksums verified), tokenizer and session once per artifact for the whole evaluation:
+    # onnx_predict is called for every chunk of 256 rows: the model file (19-109 MB) is hashed once, not per chunk
+    key = (model_dir, (model_dir / "manifest.json").stat().st_mtime_ns)  # an artifact replaced in place reloads
+    if key not in _LOADED:
+        _LOADED.clear()
+        m = load_manifest(model_dir)
+        _LOADED[key] = (m, encoder.from_file(model_dir / m.tokenizer_file, m.max_len),
+                        ort.InferenceSession(str(model_dir / m.model_file), providers=["CPUExecutionProvider"]))
+    return _LOADED[key]
 
 
 def _same_sources(target: str, data: list[str]) -> bool:
@@ -136,8 +138,9 @@ def evaluate(target: str, data: list[str] | None, split: str | None, seed: int |
         def predict(images: np.ndarray, captions: list[str]) -> np.ndarray:
             return onnx_predict(path, images, captions)[0]
 
-        def abstained(images: np.ndarray, captions: list[str]) -> np.ndarray:
-            return onnx_predict(path, images, captions, with_ood=True)[2]  # type: ignore[misc]
+        def abstained(images: np.ndarray, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            out = onnx_predict(path, images, captions, with_ood=True)  # probabilities and flags in one run
+            return out[0], out[2]  # type: ignore[misc]
     else:  # checkpoint
         import torch
 
@@ -163,10 +166,13 @@ def evaluate(target: str, data: list[str] | None, split: str | None, seed: int |
     flags: list[np.ndarray] = []
     for c in chunks(spec, split, labels, image_size, report=skipped):
         y_true.append(np.array([index[x] for x in c.labels], dtype=np.int64))
-        y_pred.append(predict(c.images, c.captions).argmax(-1))
-        y_image.append(predict(c.images, [""] * len(c.captions)).argmax(-1))
         if abstained is not None:
-            flags.append(abstained(c.images, c.captions))
+            probs, flagged = abstained(c.images, c.captions)
+            flags.append(flagged)
+        else:
+            probs = predict(c.images, c.captions)
+        y_pred.append(probs.argmax(-1))
+        y_image.append(predict(c.images, [""] * len(c.captions)).argmax(-1))
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
     truth = cat(y_true)
     report = classification_report(truth, cat(y_pred), labels)
