@@ -9,7 +9,9 @@ Guarantees: each caller gets exactly its own row's result (futures are paired wi
 by position, never by content); when an onnxruntime call fails, the batch is run again row
 by row, so only the rows that fail on their own get ``BatchFailed``; a full queue refuses at
 once (``QueueFull``); a row that waited longer than ``timeout_s`` is answered
-``QueueTimeout`` without being run. ``stop()`` answers every row the batcher holds (queued, or in
+``QueueTimeout`` without being run. A row that finds nothing queued, collected or running
+(a lone request) skips the queue and runs at once: batching cannot help it, the hand-off and
+the ``max_delay_s`` wait would only add to its latency. ``stop()`` answers every row the batcher holds (queued, or in
 the batch being collected or run) with ``Stopped``, and so is every row submitted after it: no
 caller is left waiting on a future nobody will answer.
 """
@@ -21,7 +23,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from classifier_core.text import EncodedText
 
 from .metrics import Metrics
-from .serving.base import EngineUnavailable, Prediction
+from .serving.base import Prediction
 from .tracing import active as tracing_active
 from .tracing import tracer
 
@@ -70,6 +71,7 @@ class Batcher:
         max_queue: int = 256,
         timeout_s: float = 10.0,
         limiter: anyio.CapacityLimiter | None = None,
+        direct: bool = True,
     ) -> None:
         self.run_batch = run_batch
         self.metrics = metrics
@@ -81,12 +83,17 @@ class Batcher:
         self._queue: asyncio.Queue[_Row] | None = None
         self._task: asyncio.Task[None] | None = None
         self._current: list[_Row] = []  # the batch being collected or run (answered by stop() if it is cut short)
+        self._direct: _Row | None = None  # the lone row running without the queue (see submit)
+        self._direct_done = asyncio.Event()  # clear while it runs: the collector waits for it before it batches
+        self._direct_done.set()
+        self._holding = False  # the collector holds a first row until the lone row is done: still a queued row
+        self.direct = direct
         self._stopped = False
-        self.in_flight = 0  # rows taken off the queue whose batch has not answered yet
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Rows waiting to run (queued, or held by the collector behind a lone row)."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (1 if self._holding else 0)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -101,7 +108,7 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        held = list(self._current)
+        held = list(self._current) + ([self._direct] if self._direct is not None else [])
         self._current = []
         while self._queue is not None and not self._queue.empty():
             held.append(self._queue.get_nowait())
@@ -114,9 +121,25 @@ class Batcher:
             raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
         if self._queue is None:
             raise RuntimeError("batcher not started")
-        if self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self._queue.qsize()} requests are queued; the limit is {self.max_queue}")
+        if self.depth >= self.max_queue:
+            raise QueueFull(f"{self.depth} requests are queued; the limit is {self.max_queue}")
         row = _Row(image, text, asyncio.get_running_loop().create_future())
+        if self.direct and self._direct is None and not self._current and self._queue.empty():
+            # a lone row: nothing queued, collected or running, so no batch can form around it; it goes
+            # straight to the session (no collector hand-off, no max_delay wait). Rows arriving meanwhile
+            # queue and batch as usual behind it (the limiter orders the calls).
+            self._direct = row
+            self._direct_done.clear()
+            try:
+                await self._serve([row])
+            except Exception as exc:  # as in _loop: a bug here answers this row, it does not escape as a 500
+                log.error("batcher (direct): %s", type(exc).__name__, exc_info=exc)
+                if not row.future.done():
+                    row.future.set_exception(BatchFailed("inference failed for this row"))
+            finally:
+                self._direct = None
+                self._direct_done.set()
+            return await row.future
         self._queue.put_nowait(row)
         self.metrics.queue_depth.set(self._queue.qsize())
         return await row.future
@@ -125,6 +148,14 @@ class Batcher:
         assert self._queue is not None
         first = await self._queue.get()
         rows = self._current = [first]
+        if not self._direct_done.is_set():
+            # a lone row is running: this row waits (its queue time still counts) and the batch forms
+            # once the engine is free, as it would have had the lone row come through the queue
+            self._holding = True
+            try:
+                await self._direct_done.wait()
+            finally:
+                self._holding = False
         deadline = time.perf_counter() + self.max_delay_s
         while len(rows) < self.max_batch_size:
             try:
@@ -172,11 +203,7 @@ class Batcher:
         self.metrics.queue_depth.set(self._queue.qsize())
         if not live:
             return
-        self.in_flight += len(live)
-        try:
-            await self._run(live)
-        finally:
-            self.in_flight -= len(live)
+        await self._run(live)
 
     async def _call(self, rows: list[_Row]) -> list[Prediction]:
         self.metrics.batch_size.observe(len(rows))
@@ -190,12 +217,6 @@ class Batcher:
     async def _run(self, rows: list[_Row]) -> None:
         try:
             preds = await self._call(rows)
-        except EngineUnavailable as exc:
-            # not this batch's fault: no row-by-row retry against an engine that is not there
-            for r in rows:
-                if not r.future.done():
-                    r.future.set_exception(Stopped(str(exc)))
-            return
         except Exception as exc:
             log.error("inference failed for a batch of %d: %s", len(rows), type(exc).__name__, exc_info=exc)
             if len(rows) > 1:
@@ -213,7 +234,3 @@ class Batcher:
             p.batch_size = len(rows)
             if not r.future.done():
                 r.future.set_result(p)
-
-    def info(self) -> dict[str, Any]:
-        return {"max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay_s * 1000,
-                "max_queue": self.max_queue, "queue_depth": self.depth}

@@ -117,14 +117,6 @@ class ModelNotFound(ServiceError):
     code = "model_not_found"
 
 
-class PayloadTooLarge(ServiceError):
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    code = "unsupported_media_type"
-
-
 class InvalidField(ServiceError):
     code = "invalid_field"
 

@@ -23,11 +23,9 @@ from .codes import (  # noqa: F401 (re-exported: the edges and the adapters impo
     NotFound,
     NotReady,
     Overloaded,
-    PayloadTooLarge,
     ServiceError,
     Timeout,
     Unauthorized,
-    UnsupportedMediaType,
     grpc_status,
     http_status,
     retry_after,
@@ -39,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # the table and the typed errors live in codes.py (no web framework there); re-exported for the edges
 ERROR_CATALOGUE: dict[str, tuple[int, str]] = {code: (c.http, c.example) for code, c in TABLE.items()}
-ERROR_STATUS: dict[str, int] = {code: c.http for code, c in TABLE.items()}
 
 
 def retry_headers(code: str) -> dict[str, str]:

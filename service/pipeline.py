@@ -39,7 +39,7 @@ from classifier_core.images import ImageError, is_progressive_jpeg, load_image
 from classifier_core.text import EncodedText
 
 from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
-from .codes import InvalidField, Overloaded, ServiceError, http_status
+from .codes import InvalidField, Overloaded, ServiceError
 from .metrics import Metrics
 from .serving.base import Backend, BatchBackend, ModelInfo, Prediction, RowSink, WorkerContext
 from .serving.repository import Candidate, Loaded, Repository
@@ -68,10 +68,6 @@ class RowError:
 
     code: str
     message: str
-
-    @property
-    def status(self) -> int:  # for HTTP adapters that answer row by row (the batch route's per-item status)
-        return http_status(self.code)
 
     def exception(self, where: str = "") -> ServiceError:
         return ServiceError(f"{where}{self.message}", code=self.code)
@@ -191,9 +187,6 @@ class Pipeline:
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     # --- request-level checks --------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self.repository.ready and not self.draining
 
     def model(self, name: str | None = None, version: str | None = None) -> Loaded:
         """The version that would serve a request (the default model's default version unless named);

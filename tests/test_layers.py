@@ -83,3 +83,39 @@ def test_the_serving_package_knows_no_protocol() -> None:
         if hits or "from ..routes" in text or "from ..errors" in text or "from ..grpc_v2" in text:
             bad[path.name] = sorted(hits) or ["an edge module"]
     assert not bad, bad
+
+
+# facts every protocol states, each allowed in service/dataplane.py only: a second definition (a
+# transport spelling out the outputs, its own version order or readiness) fails here
+ONCE = {
+    "the V2 outputs": r'"abstained",\s*"ood_score"|name="ood_score"|"ood_score":\s*\("',
+    "a version order": r"isdigit\(\)\s*else",
+    "readiness": r"\.ready\s+and\s+not\b[^\n]*draining|default\.ready\b",
+    "the V2 inputs": r'\(\s*"image",\s*"description"\s*\)|name="description"',
+}
+
+
+def second_definitions(root: Path) -> dict[str, list[str]]:
+    import re
+
+    found: dict[str, list[str]] = {}
+    for path in sorted((root / "service").rglob("*.py")):
+        if path.name == "dataplane.py":
+            continue
+        text = path.read_text()
+        for fact, pattern in ONCE.items():
+            for m in re.finditer(pattern, text):
+                found.setdefault(fact, []).append(f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}")
+    return found
+
+
+def test_the_data_plane_facts_are_defined_once() -> None:
+    assert second_definitions(ROOT) == {}
+
+
+def test_the_once_check_sees_a_second_definition(tmp_path: Path) -> None:
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "rest.py").write_text(
+        'NAMES = ("label", "abstained", "ood_score")\nkey = lambda v: (1, int(v)) if v.isdigit() else (0, 0)\n'
+        "ok = loaded.ready and not pipeline.draining\n")
+    assert sorted(second_definitions(tmp_path)) == ["a version order", "readiness", "the V2 outputs"]

@@ -35,25 +35,19 @@ from typing import Any, TypeVar, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from .. import __version__
+from .. import __version__, dataplane
 from ..codes import BadRequest, Overloaded, ServiceError, Timeout, Unauthorized, grpc_status
 from ..metrics import Metrics
 from ..pipeline import Pipeline, RowError
 from ..routes.v2 import (
     MAX_ELEMENTS,
     MAX_TENSORS,
-    OUTPUT_NAMES,
-    PROTOCOL_EXTENSIONS,
     check_input,
     check_shape,
     deserialize_bytes,
     encode_binary,
-    output_tensors,
     parameter_min_confidence,
     to_rows,
-)
-from ..routes.v2 import (
-    metadata as v2_metadata,
 )
 from ..serving.base import Prediction
 from ..settings import Settings
@@ -95,28 +89,21 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.pipeline.ready)
+        return pb.ServerReadyResponse(ready=dataplane.server_ready(self.pipeline))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        loaded = self.pipeline.repository.find(request.name, request.version or None)
-        return pb.ModelReadyResponse(ready=loaded.ready and not self.pipeline.draining)
+        return pb.ModelReadyResponse(ready=dataplane.model_ready(self.pipeline, request.name, request.version or None))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="image-text-classifier", version=__version__, extensions=PROTOCOL_EXTENSIONS)
+        return pb.ServerMetadataResponse(name=dataplane.SERVER_NAME, version=__version__, extensions=dataplane.PROTOCOL_EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        info = self.pipeline.repository.find(request.name, request.version or None).info
-        m = info.manifest
+        d = dataplane.model_metadata(self.pipeline, self.pipeline.repository.find(request.name, request.version or None).info)
         t = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=info.name, versions=v2_metadata(self.pipeline, info)["versions"], platform="onnxruntime_onnx",
-            inputs=[t(name="image", datatype="BYTES", shape=[-1]), t(name="description", datatype="BYTES", shape=[-1])],
-            outputs=[t(name="label", datatype="BYTES", shape=[-1]),
-                     t(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
-                     t(name="text_attention", datatype="FP32", shape=[-1, -1]),
-                     t(name="abstained", datatype="BOOL", shape=[-1]), t(name="ood_score", datatype="FP32", shape=[-1])])
+        return pb.ModelMetadataResponse(name=d["name"], versions=d["versions"], platform=d["platform"],
+                                        inputs=[t(**x) for x in d["inputs"]], outputs=[t(**x) for x in d["outputs"]])
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await self._infer(request, context)
@@ -131,12 +118,8 @@ class InferenceService:
                 raise BadRequest(f"more than {MAX_PARAMETERS} parameters", code="bad_request")
             parameters = {k: _param(v) for k, v in request.parameters.items()}
             min_confidence = parameter_min_confidence(parameters, p)
-            names = [o.name for o in request.outputs] or list(OUTPUT_NAMES)
-            for name in names:
-                if name not in OUTPUT_NAMES:
-                    raise BadRequest(f"unknown output '{name[:200]}'; the model has {', '.join(OUTPUT_NAMES)}", code="bad_request")
-            if len(set(names)) != len(names):
-                raise BadRequest("an output is requested more than once", code="bad_request")
+            names = [o.name for o in request.outputs] or list(dataplane.OUTPUT_NAMES)
+            dataplane.check_outputs(names)
             remaining = context.time_remaining()
             try:  # the client's deadline bounds the work: past it the rows are cancelled, not finished
                 async with asyncio.timeout(remaining):
@@ -148,7 +131,7 @@ class InferenceService:
                     raise a.exception(f"image[{i}]: ")
             preds = [a for a in answers if isinstance(a, Prediction)]
             info = loaded.info
-            tensors = output_tensors(preds, info, min_confidence, self.settings.ood_abstain)
+            tensors = dataplane.output_tensors(preds, info, min_confidence, self.settings.ood_abstain)
             response = pb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
             for name in names:
                 datatype, shape, value = tensors[name]

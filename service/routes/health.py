@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..dataplane import server_state, version_key
 from ..deps import ModelName, ModelVersion, PipelineDep, SettingsDep
 from ..errors import error_response
 from ..schemas import Health, Readiness, error_responses
@@ -28,15 +29,12 @@ async def healthz() -> Any:
 @router.get("/readyz", response_model=Readiness, summary="Readiness: the default model is loaded and warmed",
             responses=error_responses(503))
 async def readyz(request: Request, pipeline: PipelineDep) -> Any:
-    repo = pipeline.repository
-    if pipeline.draining:
-        return error_response(request, "not_ready", "the service is shutting down", {"status": "shutting_down"})
-    name = repo.default_name()
-    default = repo.default_version(name) if name and repo.state == "ready" else None
-    if default is not None and default.ready:
-        return {"status": "ready", "model": default.info.name, "provider": default.info.provider or None}
-    state = repo.state if repo.state != "ready" else (default.backend.state if default is not None else "no_model")
-    return error_response(request, "not_ready", f"the model is not ready (state: {state})", {"status": state})
+    state = server_state(pipeline)
+    if state == "ready":
+        info = pipeline.model().info  # the default model's default version: what server_state found ready
+        return {"status": "ready", "model": info.name, "provider": info.provider or None}
+    message = "the service is shutting down" if state == "shutting_down" else f"the model is not ready (state: {state})"
+    return error_response(request, "not_ready", message, {"status": state})
 
 
 def describe(info: ModelInfo, settings: Settings) -> dict[str, Any]:
@@ -72,7 +70,7 @@ async def model_info(pipeline: PipelineDep, settings: SettingsDep, model: ModelN
         "models": [{"name": lo.info.name, "version": lo.info.version, "labels": lo.info.labels, "ready": lo.ready,
                     "default": repo.default_version(lo.info.name) is lo, "trained_on": lo.info.manifest.describe_training_data(),
                     "example_caption": lo.info.manifest.example_caption, "memory_bytes": lo.info.memory_bytes}
-                   for lo in sorted(repo.loaded(), key=lambda lo: (lo.info.name, lo.info.version))],
+                   for lo in sorted(repo.loaded(), key=lambda lo: (lo.info.name, version_key(lo.info.version)))],
         "default_model": repo.default_name(),
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_image_pixels": settings.max_image_pixels,
                    "max_description_chars": settings.max_description_chars,

@@ -35,7 +35,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from .. import __version__
+from .. import __version__, dataplane
+from ..dataplane import INPUTS, OUTPUT_NAMES, PROTOCOL_EXTENSIONS, SERVER_NAME, check_outputs, output_tensors, server_ready
 from ..deps import PipelineDep
 from ..errors import BadRequest, describe_validation_errors, http_status, truncate
 from ..pipeline import Answer, Pipeline, Row, RowError
@@ -45,7 +46,6 @@ from .jsonscan import json_values_bound, max_json_values
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
-PROTOCOL_EXTENSIONS = ["binary_tensor_data"]
 MAX_TENSORS = 16  # inputs or outputs named in one request
 MAX_ELEMENTS = 4096  # JSON data elements per tensor, before the pipeline's own row limit
 MAX_UNKNOWN_KEYS = 64  # keys the service does not read, per object (request, input, output, parameters)
@@ -176,12 +176,12 @@ def _flatten(data: list[Any]) -> list[str]:
 
 def check_input(tensors: dict[str, Any], name: str, datatype: str) -> None:
     """One input's name and type, before its data is read (REST and gRPC alike)."""
-    if name not in ("image", "description"):
+    if name not in INPUTS:
         raise _bad(f"unexpected input '{truncate(name)}'; the model takes 'image' and 'description'")
     if name in tensors:
         raise _bad(f"input '{name}' appears twice")
-    if datatype != "BYTES":
-        raise _bad(f"input '{name}' must have datatype BYTES, not {truncate(datatype)}")
+    if datatype != INPUTS[name]:
+        raise _bad(f"input '{name}' must have datatype {INPUTS[name]}, not {truncate(datatype)}")
 
 
 def check_shape(name: str, shape: list[int], n: int) -> None:
@@ -229,9 +229,6 @@ def to_rows(tensors: dict[str, tuple[list[Any], bool]]) -> list[Row]:
     return [Row(img, desc, base64=not images_binary) for img, desc in zip(images, descriptions, strict=True)]
 
 
-OUTPUT_NAMES = ("label", "probabilities", "text_attention", "abstained", "ood_score")
-
-
 def request_min_confidence(req: InferRequest, pipeline: Pipeline) -> float:
     return parameter_min_confidence(req.parameters or {}, pipeline)
 
@@ -253,38 +250,14 @@ def select_outputs(req: InferRequest) -> list[tuple[str, bool]]:
         raise _bad("parameter binary_data_output must be a boolean")
     if not req.outputs:
         return [(k, default_binary) for k in OUTPUT_NAMES]
+    check_outputs([o.name for o in req.outputs])
     selection: list[tuple[str, bool]] = []
     for o in req.outputs:
-        if o.name not in OUTPUT_NAMES:
-            raise _bad(f"unknown output '{truncate(o.name)}'; the model has {', '.join(OUTPUT_NAMES)}")
         binary = (o.parameters or {}).get("binary_data", default_binary)
         if type(binary) is not bool:
             raise _bad(f"output '{o.name}': parameter binary_data must be a boolean")
-        if any(name == o.name for name, _ in selection):
-            raise _bad(f"output '{o.name}' is requested more than once")
         selection.append((o.name, binary))
     return selection
-
-
-def output_tensors(preds: list[Prediction], model: ModelInfo, min_confidence: float,
-                   ood_abstain: bool) -> dict[str, tuple[str, list[int], Any]]:
-    """name -> (datatype, shape, values) of every output, for any transport to encode."""
-    n = len(preds)
-    probs = np.stack([p.probabilities for p in preds]).astype(np.float32)
-    width = max(len(p.attention) for p in preds)
-    attn = np.zeros((n, width), np.float32)
-    for i, p in enumerate(preds):
-        attn[i, : len(p.attention)] = p.attention
-    abstained = np.array([p.abstain_reason(min_confidence, ood_abstain) is not None for p in preds])
-    labels = ["" if a else model.labels[int(i)] for a, i in zip(abstained, probs.argmax(1))]
-    ood = np.array([np.nan if p.ood is None else p.ood for p in preds], np.float32)
-    return {
-        "label": ("BYTES", [n], labels),
-        "probabilities": ("FP32", [n, len(model.labels)], probs),
-        "text_attention": ("FP32", [n, width], attn),
-        "abstained": ("BOOL", [n], abstained),
-        "ood_score": ("FP32", [n], ood),
-    }
 
 
 def encode_binary(datatype: str, value: Any) -> bytes:
@@ -319,7 +292,7 @@ def render(req: InferRequest, selection: list[tuple[str, bool]], preds: list[Pre
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> Any:
-    return {"name": "image-text-classifier", "version": __version__, "extensions": PROTOCOL_EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": PROTOCOL_EXTENSIONS}
 
 
 @router.get("/health/live", summary="Server liveness")
@@ -329,35 +302,16 @@ async def live() -> Any:
 
 @router.get("/health/ready", summary="Server readiness", responses=v2_error_responses(503))
 async def ready(pipeline: PipelineDep) -> Any:
-    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else http_status("not_ready"))
-
-
-def metadata(pipeline: Pipeline, model: ModelInfo) -> dict[str, Any]:
-    """The protocol's model metadata (every transport's)."""
-    m = model.manifest
-    versions = sorted(pipeline.repository.models.get(model.name, {}), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-    return {
-        "name": model.name, "versions": versions or [model.version], "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                   {"name": "description", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]},
-                    {"name": "text_attention", "datatype": "FP32", "shape": [-1, -1]},
-                    {"name": "abstained", "datatype": "BOOL", "shape": [-1]},
-                    {"name": "ood_score", "datatype": "FP32", "shape": [-1]}],
-        "parameters": {"labels": m.labels, "image_size": m.image_size, "max_caption_tokens": m.max_len,
-                       "temperature": m.temperature, "min_confidence": pipeline.min_confidence(),
-                       "ood_abstain": pipeline.settings.ood_abstain and m.ood_threshold is not None,
-                       "version": model.version},
-    }
+    ok = server_ready(pipeline)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else http_status("not_ready"))
 
 
 async def model_metadata(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
-    return metadata(pipeline, pipeline.repository.find(name, version).info)
+    return dataplane.model_metadata(pipeline, pipeline.repository.find(name, version).info)
 
 
 async def model_ready(pipeline: PipelineDep, name: str, version: str | None = None) -> Any:
-    ready = pipeline.repository.find(name, version).ready and not pipeline.draining
+    ready = dataplane.model_ready(pipeline, name, version)
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else http_status("not_ready"))
 
 

@@ -16,10 +16,6 @@ class ProviderError(RuntimeError):
     """The requested execution provider cannot be used on this machine."""
 
 
-class EngineUnavailable(RuntimeError):
-    """The inference engine cannot be reached (the owner process died or is restarting): answer 503."""
-
-
 @dataclass(frozen=True)
 class WorkerContext:
     """What the supervisor tells a worker about its topology: internal, never a public setting.

@@ -6,7 +6,7 @@ an optional ``DIR/NAME/model.json`` says which versions to serve and which answe
     {"versions": "latest" | "all" | ["1", "2"],   # default "latest": the highest version alone
      "default_version": "2"}                       # default: the highest version loaded
 
-Versions order as numbers when both are numbers, else as text. ``--model-dir`` is a repository
+Versions order as ``dataplane.version_key`` says: text versions first, then numbers by value. ``--model-dir`` is a repository
 of one: the artifact's manifest names it. Every artifact is verified at load as at start-up; one
 that fails is reported (``index``, the log) and skipped, and what served before serves on.
 
@@ -47,6 +47,7 @@ import anyio
 from classifier_core.artifact import ArtifactError, load_manifest
 
 from ..codes import ModelNotFound, NotReady, ServiceError, truncate
+from ..dataplane import version_key
 from ..metrics import Metrics
 from ..settings import Settings
 from .base import Backend, ModelInfo, ProviderError, RowSink, WorkerContext
@@ -89,10 +90,6 @@ class Loaded:
         return self.backend.ready
 
 
-def _version_key(v: str) -> tuple[int, int, str]:
-    return (1, int(v), "") if v.isdigit() else (0, 0, v)
-
-
 def read_policy(model_folder: Path) -> tuple[Any, str | None]:
     """(versions: "latest" | "all" | list, default_version) from ``model.json``; ArtifactError if malformed."""
     path = model_folder / POLICY_FILE
@@ -131,7 +128,7 @@ def scan(settings: Settings) -> dict[str, list[Candidate]]:
         with contextlib.suppress(OSError):
             versions = [p for p in folder.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
             found[folder.name] = [Candidate(folder.name, p.name, p.resolve())
-                                  for p in sorted(versions, key=lambda p: _version_key(p.name))]
+                                  for p in sorted(versions, key=lambda p: version_key(p.name))]
     return found
 
 
@@ -204,7 +201,7 @@ class Repository:
         pinned = self.pinned.get(name)  # read from model.json when the model was (re)loaded, never per request
         if pinned in versions:
             return versions[pinned]
-        return versions[max(versions, key=_version_key)]
+        return versions[max(versions, key=version_key)]
 
     def default_name(self) -> str | None:
         if self.default_model:
@@ -236,17 +233,8 @@ class Repository:
             loaded = versions[version]
         else:
             raise ModelNotFound(f"unknown version '{truncate(version)}' of model '{truncate(name)}' "
-                           f"(loaded: {truncate(', '.join(sorted(versions, key=_version_key)), 200)})")
+                           f"(loaded: {truncate(', '.join(sorted(versions, key=version_key)), 200)})")
         return loaded
-
-    @property
-    def ready(self) -> bool:
-        """Overall readiness: the default model has a ready version (docs/operations.md)."""
-        if self.state != "ready":
-            return False
-        name = self.default_name()
-        default = self.default_version(name) if name else None
-        return default is not None and default.ready
 
     @staticmethod
     def release(loaded: Loaded) -> None:
@@ -267,7 +255,7 @@ class Repository:
         for lo in self.loaded():
             rows[(lo.info.name, lo.info.version)] = {"name": lo.info.name, "version": lo.info.version,
                                                      "state": "READY" if lo.ready else "UNAVAILABLE", "reason": ""}
-        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], _version_key(k[1])))]
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], version_key(k[1])))]
 
     # --- changing ----------------------------------------------------------------------
     async def start(self) -> None:

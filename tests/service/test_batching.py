@@ -95,7 +95,7 @@ def test_a_failing_row_fails_alone_and_rows_queued_behind_are_served(predictor: 
         return real(images, texts)
 
     async def go() -> None:
-        b = Batcher(flaky, Metrics(), max_batch_size=2, max_delay_s=0.05)
+        b = Batcher(flaky, Metrics(), max_batch_size=2, max_delay_s=0.05, direct=False)  # the two rows batch together
         await b.start()
         first = [asyncio.create_task(b.submit(img, POISON)), asyncio.create_task(b.submit(img, tomato))]
         await asyncio.sleep(0.1)  # both in the first batch, which is running
@@ -112,6 +112,37 @@ def test_a_failing_row_fails_alone_and_rows_queued_behind_are_served(predictor: 
     asyncio.run(go())
     # the batch of 2 failed, was retried row by row (1 fails, 1 succeeds), then the innocent row, then one more
     assert calls == [2, 1, 1, 1, 1]
+
+
+def test_a_lone_row_skips_the_queue_and_rows_behind_it_batch(predictor: Predictor) -> None:
+    """A row that finds nothing queued or running goes straight to the engine (it would otherwise
+    wait max_delay_s for company, 1 s here); rows arriving meanwhile wait for it and then batch."""
+    calls: list[int] = []
+    real, text = _run_real(predictor), predictor.encode(["tomato"])[0]
+
+    def run(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+        calls.append(len(texts))
+        time.sleep(0.3)
+        return real(images, texts)
+
+    async def go() -> None:
+        b = Batcher(run, Metrics(), max_batch_size=8, max_delay_s=1.0, max_queue=2)
+        await b.start()
+        img = np.zeros((32, 32, 3), np.uint8)
+        t0 = time.perf_counter()
+        lone = asyncio.create_task(b.submit(img, text))
+        await asyncio.sleep(0.05)
+        behind = [asyncio.create_task(b.submit(img, text)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):  # the row the collector holds behind the lone one still counts
+            await b.submit(img, text)
+        assert isinstance(await lone, Prediction)
+        assert time.perf_counter() - t0 < 0.9, "the lone row waited for company"
+        assert all(isinstance(r, Prediction) for r in await asyncio.gather(*behind))
+        await b.stop()
+
+    asyncio.run(go())
+    assert calls == [1, 2]
 
 
 def _slow_run(predictor: Predictor, seconds: float = 0.3) -> Callable[[np.ndarray, list[EncodedText]], list[Prediction]]:
