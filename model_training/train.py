@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
             epoch = cfg.epochs  # early stop of phase 1: on to phase 2
 
     if cfg.model.fusion == "heads" and cfg.model.mode == "fused":
-        fit_fusion(cfg, out, spec, index, tok_json, dd, caches.get("val"))
+        fit_fusion(cfg, out, spec, index, tok_json, dd, caches)
     summary = final_report(cfg, out, spec, index, tok_json, dd, t0)
     dd.barrier()
     return summary if dd.main else {}
@@ -538,25 +538,39 @@ def final_report(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, 
 
 
 def fit_fusion(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, tok_json: str, dd: distributed.Dist,
-               cache: FeatureCache | None) -> None:
-    """Fusion heads: the best checkpoint's head weights fitted on the validation split (``fusion.py``),
-    written into ``best.pt`` with the fit's figures (``extra.fusion``)."""
+               caches: dict[str, FeatureCache | None]) -> None:
+    """Fusion heads: the best checkpoint's branch heads refitted as probes (``--model.refit-heads``),
+    then its head weights fitted on the validation split (``fusion.py``), written into ``best.pt``
+    with the fit's figures (``extra.fusion``)."""
     from . import fusion
 
     best, ckpt = load_checkpoint(out / "best.pt")
     best.to(dd.device)
-    if cache is None or int(ckpt["extra"].get("phase", 1)) != 1:  # fine-tuned weights: the cache is stale
-        stream = SplitStream(spec, "val", index.labels, tok_json,
-                             StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world))
-        batches: Any = loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda")
-    else:
-        batches = cache.batches(64)
-    targets, parts = fusion.branch_logits(best, batches, dd.device)
-    shares = [s for s in dd.gather((targets, parts)) if isinstance(s, tuple)]
-    targets = np.concatenate([s[0] for s in shares])
-    parts = np.concatenate([s[1] for s in shares], axis=1)
+    fine_tuned = int(ckpt["extra"].get("phase", 1)) != 1  # fine-tuned weights: the cache is stale
+
+    def batches(split: str) -> Any:
+        cache = caches.get(split)
+        if cache is None or fine_tuned:
+            stream = SplitStream(spec, split, index.labels, tok_json,
+                                 StreamConfig(cfg.model.image_size, 64, cfg.max_len, rank=dd.rank, world=dd.world))
+            return loader(stream, cfg.workers, pin_memory=dd.device.type == "cuda")
+        return cache.batches(64)
+
+    def gathered(pair: tuple[np.ndarray, Any], axis: int) -> tuple[np.ndarray, Any]:
+        shares = [s for s in dd.gather(pair) if isinstance(s, tuple)]
+        second = ([np.concatenate([s[1][k] for s in shares]) for k in range(2)] if isinstance(pair[1], list)
+                  else np.concatenate([s[1] for s in shares], axis=axis))
+        return np.concatenate([s[0] for s in shares]), second
+
+    refit: dict[str, Any] = {}
+    if cfg.model.refit_heads:
+        train_in = gathered(fusion.head_inputs(best, batches("train"), dd.device), 0)
+        val_in = gathered(fusion.head_inputs(best, batches("val"), dd.device), 0)
+        refit = fusion.refit_heads(best, train_in, val_in)  # the same on every rank: same rows, same L-BFGS
+    targets, parts = gathered(fusion.branch_logits(best, batches("val"), dd.device), 1)
     if dd.main:
-        _write_fusion(out, ckpt, best, fusion.fit_weights(parts, targets))
+        fit = fusion.fit_weights(parts, targets, temperatures=not refit)  # a refit probe's L2 already set its scale
+        _write_fusion(out, ckpt, best, {**fit, **({"refit": refit} if refit else {})})
     dd.barrier()  # every rank's final report reads best.pt: only once it holds the fitted weights
 
 

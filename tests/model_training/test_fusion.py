@@ -51,6 +51,24 @@ def test_the_fit_tames_a_head_that_memorised_and_keeps_the_one_that_reads() -> N
     assert fusion.fit_weights(parts[:, :0], y[:0])["weights"] == [1.0, 1.0, 1.0]  # no validation rows: as trained
 
 
+def test_a_refit_head_is_the_validation_chosen_probe_folded_into_the_layer() -> None:
+    """Features on very different scales, one informative: the probe standardises them, its L2 comes
+    from the grid, and the layer (standardisation folded into its weights) answers as it scored."""
+    rng = np.random.default_rng(1)
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 3, n)
+        x = rng.normal(0, 1, (n, 20)) * np.geomspace(0.01, 100, 20)  # scales from 0.01 to 100
+        x[:, 0] += y * 0.05  # the one informative feature has the smallest scale
+        return x.astype(np.float32), y
+    (x, y), (xv, yv) = rows(300), rows(200)
+    layer = torch.nn.Linear(20, 3)
+    refit = fusion.refit_head(layer, x, y, xv, yv)
+    assert refit["l2"] in fusion.L2_GRID and refit["val_acc"] > 0.85, refit
+    with torch.no_grad():
+        acc = float((layer(torch.from_numpy(xv)).argmax(1).numpy() == yv).mean())
+    assert acc == pytest.approx(refit["val_acc"])
+
+
 def _write(root: Path, n: int) -> Path:
     """Two classes whose images are random noise (nothing to learn but each training image itself) and
     whose captions tell them apart."""
@@ -67,7 +85,8 @@ def test_training_fits_the_weights_and_the_checkpoint_answers_with_them(tmp_path
     data = _write(tmp_path / "data", 40)
     out = tmp_path / "run"
     train.main(["--preset", "smoke", "--data", str(data), "--out-dir", str(out), "--model.fusion", "heads",
-                "--model.image-size", "16", "--epochs", "4", "--patience", "4", "--min-freq", "1", "--lr", "0.01",
+                "--model.refit-heads", "true", "--model.image-size", "16",
+                "--epochs", "4", "--patience", "4", "--min-freq", "1", "--lr", "0.01",
                 "--threads", "2", "--workers", "0", "--no-progress"])
     model, ckpt = load_checkpoint(out / "best.pt")
     fit = ckpt["extra"]["fusion"]
@@ -75,6 +94,9 @@ def test_training_fits_the_weights_and_the_checkpoint_answers_with_them(tmp_path
     assert model.fusion_temperatures.tolist() == pytest.approx(fit["temperatures"])
     # random pixels say nothing of the class on new images: the caption's head must carry the answer
     assert fit["val_acc"] == 1.0 and fit["val_acc_by_head"]["text"] == 1.0, fit
+    # both branch heads were refit as probes (each with its validation-chosen L2), their temperatures left at 1
+    assert set(fit["refit"]) == {"image", "text"} and fit["refit"]["text"]["val_acc"] == 1.0
+    assert fit["temperatures"] == [1.0, 1.0, 1.0]
 
 
 def test_an_unknown_fusion_is_refused() -> None:
