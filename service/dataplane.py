@@ -1,26 +1,31 @@
 """The data plane: what every transport says about models, defined once (KServe's ``dataplane.py``).
 
 The Open Inference Protocol's REST routes (``routes/v2.py``), its gRPC servicer
-(``grpc_v2/server.py``), ``/readyz`` and ``/model`` only translate wire formats; the facts they
-translate live here: the inputs and outputs (names, datatypes, shapes), the output tensors of a
-batch of predictions, the model metadata, the server's and a model's readiness, and the one
-version order (text versions first, then numbers by value: "abc" < "2" < "10"; the last is the
-latest, which the ``latest`` policy loads and a request naming no version gets). No web framework
-or gRPC is imported here.
+(``grpc_v2/server.py``), ``/classify`` (``routes/handler.py``), ``/readyz`` and ``/model`` only
+translate wire formats; the facts they translate live here: ``infer`` (the steps of every
+inference call, whatever its transport), the inputs and outputs (names, datatypes, shapes), the
+output tensors of a batch of predictions, the model metadata, the server's and a model's
+readiness, and the one version order (text versions first, then numbers by value: "abc" < "2" <
+"10"; the last is the latest, which the ``latest`` policy loads and a request naming no version
+gets). No web framework or gRPC is imported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .codes import BadRequest, truncate
+from .codes import BadRequest, Timeout, truncate
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from .pipeline import Answer, Pipeline, Row
     from .serving.base import ModelInfo, Prediction
+
+Body = TypeVar("Body")
+Reply = TypeVar("Reply")
 
 SERVER_NAME = "image-text-classifier"
 PLATFORM = "onnxruntime_onnx"
@@ -106,3 +111,38 @@ def server_ready(pipeline: Pipeline) -> bool:
 def model_ready(pipeline: Pipeline, name: str, version: str | None) -> bool:
     """A named model (version)'s readiness; unknown names are ModelNotFound, a loading repository NotReady."""
     return pipeline.repository.find(name, version).ready and not pipeline.draining
+
+
+async def infer(pipeline: Pipeline, name: str | None, version: str | None, *,
+                check: Callable[[ModelInfo], None],
+                read: Callable[[], Awaitable[Body]],
+                decode: Callable[[Body, ModelInfo], Awaitable[list[Row]]],
+                encode: Callable[[Sequence[Answer], ModelInfo], Reply],
+                state: Any = None, deadline_s: float | None = None) -> Reply:
+    """One inference call, every transport's steps in one place; the transport supplies the four
+    translations (``check`` its own parameters against the model, ``read`` its message, ``decode``
+    wire -> rows, ``encode`` answers -> wire)::
+
+        lease the model version          model_not_found / not_ready, before the message is read; held
+                                         until the answer is encoded (a version swap waits for it)
+        check(model)                     the call's own parameters (outputs, top_k, ...)
+        refuse if the row budget is spent  overloaded, before the message is read, and once more after
+        read() -> decode(message, model) wire -> rows
+        pipeline.run(model, rows)        admission, decode, batches: one answer per row; within
+                                         ``deadline_s`` (a gRPC deadline) or timeout, the rows cancelled
+        encode(answers, model)           answers -> wire
+    """
+    with pipeline.lease(name, version) as loaded:
+        check(loaded.info)
+        pipeline.refuse_if_full()
+        message = await read()  # waiting for the network holds no rows (only the version's lease)
+        pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
+        rows = await decode(message, loaded.info)
+        try:  # a deadline bounds the work: past it the rows are cancelled, not finished
+            async with asyncio.timeout(deadline_s):
+                answers = await pipeline.run(loaded, rows, state)
+        except TimeoutError:
+            if deadline_s is None:
+                raise
+            raise Timeout(f"the call's deadline ({deadline_s:.3f} s) passed before the answer") from None
+        return encode(answers, loaded.info)

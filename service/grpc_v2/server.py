@@ -29,16 +29,16 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from .. import __version__, dataplane
-from ..codes import BadRequest, Overloaded, ServiceError, Timeout, Unauthorized, grpc_status
+from ..codes import BadRequest, Overloaded, ServiceError, Unauthorized, grpc_status
 from ..metrics import Metrics
-from ..pipeline import Pipeline, RowError
+from ..pipeline import Answer, Pipeline, Row, RowError
 from ..routes.v2 import (
     MAX_ELEMENTS,
     MAX_TENSORS,
@@ -49,7 +49,7 @@ from ..routes.v2 import (
     parameter_min_confidence,
     to_rows,
 )
-from ..serving.base import Prediction
+from ..serving.base import ModelInfo, Prediction
 from ..settings import Settings
 from . import inference_pb2 as pb
 from .precheck import Caps, Malformed, check_infer_request
@@ -110,27 +110,23 @@ class InferenceService:
 
     # --- inference -------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        p = self.pipeline
-        with p.lease(request.model_name, request.model_version or None) as loaded:  # held to the answer
-            p.refuse_if_full()
-            rows = to_rows(self._tensors(request))
-            if len(request.parameters) > MAX_PARAMETERS:
-                raise BadRequest(f"more than {MAX_PARAMETERS} parameters", code="bad_request")
-            parameters = {k: _param(v) for k, v in request.parameters.items()}
-            min_confidence = parameter_min_confidence(parameters, p)
-            names = [o.name for o in request.outputs] or list(dataplane.OUTPUT_NAMES)
-            dataplane.check_outputs(names)
-            remaining = context.time_remaining()
-            try:  # the client's deadline bounds the work: past it the rows are cancelled, not finished
-                async with asyncio.timeout(remaining):
-                    answers = await p.run(loaded, rows)
-            except TimeoutError:
-                raise Timeout(f"the call's deadline ({remaining:.3f} s) passed before the answer") from None
+        """``dataplane.infer`` with the protocol's message (already read: grpcio hands it over whole)."""
+        if len(request.parameters) > MAX_PARAMETERS:
+            raise BadRequest(f"more than {MAX_PARAMETERS} parameters", code="bad_request")
+        min_confidence = parameter_min_confidence({k: _param(v) for k, v in request.parameters.items()}, self.pipeline)
+        names = [o.name for o in request.outputs] or list(dataplane.OUTPUT_NAMES)
+
+        async def read() -> pb.ModelInferRequest:
+            return request
+
+        async def decode(message: pb.ModelInferRequest, info: ModelInfo) -> list[Row]:
+            return to_rows(self._tensors(message))
+
+        def encode(answers: Sequence[Answer], info: ModelInfo) -> pb.ModelInferResponse:
             for i, a in enumerate(answers):
                 if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
                     raise a.exception(f"image[{i}]: ")
             preds = [a for a in answers if isinstance(a, Prediction)]
-            info = loaded.info
             tensors = dataplane.output_tensors(preds, info, min_confidence, self.settings.ood_abstain)
             response = pb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
             for name in names:
@@ -138,6 +134,10 @@ class InferenceService:
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(encode_binary(datatype, value))
             return response
+
+        return await dataplane.infer(self.pipeline, request.model_name, request.model_version or None,
+                                     check=lambda info: dataplane.check_outputs(names), read=read, decode=decode,
+                                     encode=encode, deadline_s=context.time_remaining())
 
     def _tensors(self, request: pb.ModelInferRequest) -> dict[str, tuple[list[Any], bool]]:
         raw = request.raw_input_contents

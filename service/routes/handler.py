@@ -1,18 +1,8 @@
 """The one request handler every HTTP protocol goes through; each protocol supplies a codec.
 
-::
-
-    handle(request, pipeline, codec, model, version)
-      lease the model version            404 model_not_found / 503 not_ready, before the body is read;
-                                         held until the answer is encoded (a swap waits for it)
-      codec.check(model)                 the protocol's own checks on its query (top_k, outputs...)
-      refuse if the row budget is spent  503 overloaded, before the body is read, and once more after
-      codec.decode(request, body, model) wire -> rows
-      pipeline.run(model, rows)          admission, decode, batches: one answer per row
-      codec.encode(answers, model)       answers -> wire
-
-A codec translates wire formats and nothing else: readiness, model routing and admission are done
-here once for all of them (gRPC's servicer does the same steps on its own transport).
+``handle`` is ``dataplane.infer`` (the steps of every inference call, gRPC's too) with the HTTP
+request's body as the message. A codec translates wire formats and nothing else: readiness, model
+routing and admission are done once for all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +13,7 @@ from typing import Protocol
 from fastapi import Request
 from fastapi.responses import Response
 
+from .. import dataplane
 from ..pipeline import Answer, Pipeline, Row
 from ..serving.base import ModelInfo
 
@@ -38,11 +29,8 @@ class Codec(Protocol):
 
 async def handle(request: Request, pipeline: Pipeline, codec: Codec, model: str | None = None,
                  version: str | None = None) -> Response:
-    with pipeline.lease(model, version) as loaded:
-        codec.check(loaded.info)
-        pipeline.refuse_if_full()
-        body = await request.body()  # waiting for the network holds no rows (only the version's lease)
-        pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
-        rows = await codec.decode(request, body, loaded.info)
-        answers = await pipeline.run(loaded, rows, request.state)
-        return codec.encode(answers, loaded.info, request)
+    async def decode(body: bytes, info: ModelInfo) -> list[Row]:
+        return await codec.decode(request, body, info)
+
+    return await dataplane.infer(pipeline, model, version, check=codec.check, read=request.body, decode=decode,
+                                 encode=lambda answers, info: codec.encode(answers, info, request), state=request.state)
