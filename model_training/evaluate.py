@@ -62,22 +62,24 @@ def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
 
 def onnx_predict(model_dir: Path, images: np.ndarray, captions: list[str], batch_size: int = 64,
                  with_ood: bool = False) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], np.ndarray]:
-    """Probabilities from an exported artifact, through the service's own preprocessing; with
-    ``with_ood``, also whether each row would be abstained as out-of-distribution (the service's rule)."""
+    """Probabilities (calibrated, as the service answers) from an exported artifact, through the
+    service's own preprocessing and the artifact contract; with ``with_ood``, also whether each row
+    would be abstained as out-of-distribution (the contract's rule)."""
     import onnxruntime as ort
 
+    from classifier_core import contract
     from classifier_core.artifact import load_manifest
     from classifier_core.text import TextEncoder
 
     manifest, text, sess = _loaded(model_dir, ort, load_manifest, TextEncoder)
-    threshold = manifest.ood_threshold
-    names = ["probabilities"] + ([str(manifest.ood["output"])] if threshold is not None else [])
+    names = contract.output_names(manifest, attention=False)
     out, flagged = [], []
     for s in range(0, len(captions), batch_size):
         ids = text.pad(text.encode_batch(captions[s : s + batch_size]))
-        res = sess.run(names, {"image": images[s : s + batch_size], "input_ids": ids})
-        out.append(res[0])
-        flagged.append(res[1] > threshold if threshold is not None else np.zeros(len(res[0]), bool))
+        res = contract.postprocess(dict(zip(names, sess.run(names, contract.feeds(images[s : s + batch_size], ids)), strict=True)),
+                                   manifest)
+        out.append(res.probabilities)
+        flagged.append(res.ood_flagged)
     probs = np.concatenate(out) if out else np.zeros((0, len(manifest.labels)), np.float32)
     if with_ood:
         return probs, manifest.labels, (np.concatenate(flagged) if flagged else np.zeros(0, bool))

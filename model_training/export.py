@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from classifier_core import contract
 from classifier_core.artifact import MANIFEST, SCHEMA_VERSION, Manifest, sha256_file
 from classifier_core.text import TextEncoder, pad_ids
 
@@ -48,8 +49,7 @@ from .model import FusedClassifier, InferenceWrapper
 log = logging.getLogger(__name__)
 
 OPSET = 17
-INPUTS = [("image", "uint8"), ("input_ids", "int64")]
-OUTPUTS = [("probabilities", "float32"), ("text_attention", "float32"), ("ood_score", "float32")]
+INPUTS, OUTPUTS = contract.INPUTS, contract.OUTPUTS
 PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 2, 7, 32)
 PARITY_SAMPLES = 512  # test samples the parity check runs at each batch size
@@ -64,13 +64,13 @@ class ExportError(RuntimeError):
 def _onnx_export(wrapper: InferenceWrapper, path: Path, image_size: int) -> None:
     example = (torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8), torch.ones(2, 5, dtype=torch.long))
     names = [n for n, _ in OUTPUTS][: 3 if wrapper.ood is not None else 2]
-    axes = {"image": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"}, "probabilities": {0: "batch"},
-            "text_attention": {0: "batch", 1: "sequence"}, "ood_score": {0: "batch"}}
+    axes = {contract.IMAGE: {0: "batch"}, contract.INPUT_IDS: {0: "batch", 1: "sequence"}, contract.PROBABILITIES: {0: "batch"},
+            contract.ATTENTION: {0: "batch", 1: "sequence"}, contract.OOD_SCORE: {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=OPSET,
                           input_names=[n for n, _ in INPUTS], output_names=names,
-                          dynamic_axes={k: v for k, v in axes.items() if k in names or k in ("image", "input_ids")})
+                          dynamic_axes={k: v for k, v in axes.items() if k in names or k in (contract.IMAGE, contract.INPUT_IDS)})
 
 
 def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray, ids: list[list[int]],
@@ -85,7 +85,7 @@ def check_parity(wrapper: InferenceWrapper, onnx_path: Path, images: np.ndarray,
     worst: dict[str, float] = {}
 
     def compare(img: np.ndarray, batch_ids: np.ndarray) -> float:
-        got = sess.run(None, {"image": img, "input_ids": batch_ids})
+        got = sess.run(None, contract.feeds(img, batch_ids))
         with torch.no_grad():
             want = [t.numpy() for t in wrapper(torch.from_numpy(img), torch.from_numpy(batch_ids))]
         if len(got) != len(want):
@@ -178,7 +178,7 @@ def fit_confidence(model: FusedClassifier, spec: Any, labels: list[str], text: T
     features = ("per channel mean and standard deviation of the image branch's block outputs" if model.image_encoder is not None
                 else "the caption features the classifier head reads")
     flagged_val = float((val_scores > fit.threshold).mean())
-    ood: dict[str, Any] = {"method": "mahalanobis", "output": "ood_score", "threshold": fit.threshold, "quantile": quantile,
+    ood: dict[str, Any] = {"method": "mahalanobis", "output": contract.OOD_SCORE, "threshold": fit.threshold, "quantile": quantile,
            "features": features, "dim": int(val.features.shape[1]), "fitted_on": {"train": n_train, "val": len(val.targets)},
            "threshold_from": {"val": len(val_scores), "train_out_of_fold": len(train_oof), "folds": CROSS_FOLDS},
            "flagged": {"val": flagged_val,
@@ -391,11 +391,10 @@ def build_manifest(p: Prepared, name: str, version: str | None, metrics: dict[st
         "labels": labels,
         "image_size": size,
         "max_len": text.max_len,
-        "inputs": [{"name": "image", "dtype": "uint8", "shape": ["batch", size, size, 3]},
-                   {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
-        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", len(labels)]},
-                    {"name": "text_attention", "dtype": "float32", "shape": ["batch", "sequence"]},
-                    {"name": "ood_score", "dtype": "float32", "shape": ["batch"]}],
+        "inputs": [{"name": name, "dtype": dtype, "shape": shape} for (name, dtype), shape
+                   in zip(contract.INPUTS, (["batch", size, size, 3], ["batch", "sequence"]), strict=True)],
+        "outputs": [{"name": name, "dtype": dtype, "shape": shape} for (name, dtype), shape
+                    in zip(contract.OUTPUTS, (["batch", len(labels)], ["batch", "sequence"], ["batch"]), strict=True)],
         "model_file": "model.onnx",
         "tokenizer_file": "tokenizer.json",
         "opset": OPSET,

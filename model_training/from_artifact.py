@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from classifier_core import contract
 from classifier_core.artifact import load_manifest
 from classifier_core.text import TextEncoder
 
@@ -95,7 +96,7 @@ def checkpoint_from_artifact(artifact: str | Path, out: str | Path) -> dict[str,
     images = rng.integers(0, 256, (16, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     ids = rng.integers(3, cfg.vocab_size, (16, manifest.max_len)).astype(np.int64)
     ids[8:, 5:] = text.pad_id
-    got = sess.run(None, {"image": images, "input_ids": ids})
+    got = sess.run(None, contract.feeds(images, ids))
     with torch.no_grad():
         want = InferenceWrapper(model)(torch.from_numpy(images), torch.from_numpy(ids))
     diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got[:2], want[:2]))

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from classifier_core import contract
 from classifier_core.artifact import MANIFEST, Manifest, load_manifest, sha256_file
 
 from .data import DataError, DataSpec
@@ -68,9 +69,8 @@ ROLES = {"_conv_stem": "stem", "_expand_conv": "expand", "_depthwise_conv": "dep
 
 
 def conv_role(name: str) -> tuple[str, int | None] | None:
-    """(role, block index) of a backbone convolution node of our export, None for any other node."""
-    if not name.startswith("/image_encoder/"):
-        return None
+    """(role, block index) of a backbone convolution node of our export, None for any other node (the
+    scope is ``/image_encoder/...`` or, where the probe head reads the pooled features, the backbone's own)."""
     block = re.search(r"/_blocks\.(\d+)/", name)
     for key, role in ROLES.items():
         if f"/{key}/" in name:
@@ -175,14 +175,16 @@ def _session(path: Path, threads: int) -> Any:
 
 def outputs(path: Path, rows: Rows, threads: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities and (if the graph has it) the OOD score of every row."""
+    from classifier_core import contract
+
     sess = _session(path, threads)
     names = [o.name for o in sess.get_outputs()]
     probs, ood = [], []
     for s in range(0, len(rows.targets), 64):
-        out = dict(zip(names, sess.run(None, {"image": rows.images[s : s + 64], "input_ids": rows.ids[s : s + 64]}), strict=True))
-        probs.append(out["probabilities"])
-        if "ood_score" in out:
-            ood.append(out["ood_score"])
+        out = dict(zip(names, sess.run(None, contract.feeds(rows.images[s : s + 64], rows.ids[s : s + 64])), strict=True))
+        probs.append(out[contract.PROBABILITIES])
+        if contract.OOD_SCORE in out:
+            ood.append(out[contract.OOD_SCORE])
     return np.concatenate(probs), (np.concatenate(ood) if ood else None)
 
 
@@ -191,7 +193,7 @@ def quantize_graph(src: Path, dst: Path, calibration: Rows, nodes: list[str]) ->
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self.batches = iter([{"image": calibration.images[s : s + 32], "input_ids": calibration.ids[s : s + 32]}
+            self.batches = iter([contract.feeds(calibration.images[s : s + 32], calibration.ids[s : s + 32])
                                  for s in range(0, len(calibration.targets), 32)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -18,7 +18,9 @@ other half are generic ("a picture"), so text alone cannot be perfect. Each data
 optimiser), ``--preset photo`` and ``--preset pretrained`` (ImageNet EfficientNet-Lite0, frozen),
 each for ``--epochs`` epochs (default 25) with early stopping off.
 
-Beside them, the **linear-probe baseline** practitioners would try first, on the same split: a
+Beside each preset's fused model, the late fusion of its own image-only and text-only models (the
+same weight grid, chosen on validation): the parts the fused model must beat. Beside them, the
+**linear-probe baseline** practitioners would try first, on the same split: a
 logistic regression on the frozen backbone's pooled features (image-only), one on tf-idf caption
 features (text-only), and their late fusion (a weighted sum of log-probabilities, the weight chosen
 on the validation split). ``--presets`` picks which presets run (``pip install -e '.[pretrained]'``
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -246,6 +249,44 @@ def linear_probe(manifest: Path, extra: list[str], seed: int, image_size: int = 
     return out
 
 
+def own_late_fusion(run_root: Path, manifest: Path, extra: list[str], seed: int) -> dict[str, object]:
+    """The late fusion of the ablation's own image-only and text-only models (``run_root/image``,
+    ``run_root/text``): each one's log-probabilities on the validation and test rows, the weight
+    chosen on validation as for the probes. What the fused model must beat: its own parts."""
+    import torch
+
+    from classifier_core.images import load_image
+    from model_training.checkpoint import load_checkpoint, text_encoder_from_checkpoint
+    from model_training.data import DataSpec, SkipReport
+    from model_training.tensors import Tensors, predict_probs
+
+    def flag(name: str, default: str) -> str:
+        return extra[extra.index(name) + 1] if name in extra else default
+    spec = DataSpec([str(manifest)], seed, val_frac=float(flag("--val-frac", "0.1")), test_frac=float(flag("--test-frac", "0.1")),
+                    group_key=flag("--group-key", "") or None)
+    logp: dict[str, dict[str, np.ndarray]] = {}
+    ys: dict[str, np.ndarray] = {}
+    for mode in ("image", "text"):
+        model, ckpt = load_checkpoint(run_root / mode / "best.pt")
+        labels, text = list(ckpt["labels"]), text_encoder_from_checkpoint(ckpt)
+        rows: dict[str, list[tuple[np.ndarray, str, int]]] = {"val": [], "test": []}
+        for split, smp in spec.samples(SkipReport()):
+            if split in rows and smp.label in labels:  # a label never seen in training is left out, as training does
+                rows[split].append((load_image(smp.read(), model.cfg.image_size), smp.caption, labels.index(smp.label)))
+        logp[mode] = {}
+        for split, rs in rows.items():
+            ids = [e.ids for e in text.encode_batch([r[1] for r in rs])]
+            t = Tensors(torch.from_numpy(np.stack([r[0] for r in rs])), ids, torch.tensor([r[2] for r in rs]))
+            logp[mode][split] = np.log(np.maximum(predict_probs(model, t), 1e-12))
+            ys[split] = np.array([r[2] for r in rs])
+
+    def acc(z: np.ndarray, split: str) -> float:
+        return float((z.argmax(1) == ys[split]).mean())
+    a, b = logp["image"], logp["text"]
+    w = max((0.25, 0.5, 0.75), key=lambda w: acc(w * a["val"] + (1 - w) * b["val"], "val"))
+    return {"test_acc": round(acc(w * a["test"] + (1 - w) * b["test"], "test"), 3), "weight_image": w}
+
+
 def minilm_vectors(caps: dict[str, list[str]]) -> dict[str, np.ndarray] | None:
     """all-MiniLM-L6-v2 sentence vectors of the captions (None when its wheel is not installed)."""
     import torch
@@ -303,11 +344,12 @@ def main() -> int:
                                    "--epochs", str(a.epochs), "--patience", str(a.epochs), "--seed", str(a.seed),
                                    "--no-progress", *extra, *a.train_args.split()])
             res = summary["results"]
-            row = {m: {"test_acc": round(res[m]["test_acc"], 3), "train_acc": round(res[m]["train_acc"], 3)}
+            row: dict[str, Any] = {m: {"test_acc": round(res[m]["test_acc"], 3), "train_acc": round(res[m]["train_acc"], 3)}
                    for m in ("image", "text", "fused")}
             row["n"] = {k: res["fused"][f"n_{k}"] for k in ("train", "val", "test")}
             row["skipped"] = res["fused"]["skipped"]
             row["duplicates_across_splits"] = res["fused"]["duplicates_across_splits"]
+            row["own_late_fusion"] = own_late_fusion(tmp / f"{name}-{preset}", manifest, extra, a.seed)
             row["seconds"] = round(time.time() - t0)
             report["results"][f"{name}/{preset}"] = row  # type: ignore[index]
             print(name, preset, json.dumps(row), flush=True)  # noqa: T201

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from classifier_core import contract
 from classifier_core.artifact import Manifest
 from classifier_core.text import EncodedText, TextEncoder
 
@@ -78,16 +79,8 @@ class Prediction:
         return float(self.probabilities.max())
 
     def abstain_reason(self, min_confidence: float, use_ood: bool = True) -> str | None:
-        """Why the service would rather not name a label (None: it names one).
-
-        ``out_of_distribution`` first: a photo of something the model never learned is answered
-        with high confidence all the same, so confidence cannot catch it.
-        """
-        if use_ood and self.ood is not None and self.ood > 1.0:
-            return "out_of_distribution"
-        if self.confidence < min_confidence:
-            return "low_confidence"
-        return None
+        """Why the service would rather not name a label (None: it names one): the contract's rule."""
+        return contract.abstain_reason(self.confidence, self.ood, min_confidence, use_ood)
 
 
 class Backend(Protocol):
@@ -121,16 +114,6 @@ class RowSink(Protocol):
     async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction: ...
     @property
     def depth(self) -> int: ...
-
-
-def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits): log p differs from the logits by a per-row constant."""
-    if temperature == 1.0:
-        return probs
-    z = np.log(np.maximum(probs, np.float32(1e-45))) / np.float32(temperature)
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
 
 
 def predictions(probs: np.ndarray, attn: np.ndarray, ood: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:

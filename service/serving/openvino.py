@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from classifier_core import contract
+
 PROVIDER = "OpenVINOCPU"  # what /model and the logs show as the provider in use
 PARITY_ATOL = 1e-4  # max |probability difference| against onnxruntime on the check's inputs
 _TYPES = {"u8": "tensor(uint8)", "i64": "tensor(int64)", "f32": "tensor(float)"}
@@ -83,11 +85,11 @@ def parity(candidate: Any, reference: Any, image_size: int, max_len: int) -> flo
     rng = np.random.default_rng(0)
     worst = 0.0
     for batch, length in ((1, 1), (3, max_len), (8, max(1, max_len // 2))):
-        feed = {"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
-                "input_ids": rng.integers(2, 6, (batch, length)).astype(np.int64)}  # ids every vocabulary has
-        names = [o.name for o in reference.get_outputs() if o.name in ("probabilities", "ood_score")]
+        feed = contract.feeds(rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+                              rng.integers(2, 6, (batch, length)).astype(np.int64))  # ids every vocabulary has
+        names = [o.name for o in reference.get_outputs() if o.name in (contract.PROBABILITIES, contract.OOD_SCORE)]
         for name, a, b in zip(names, candidate.run(names, feed), reference.run(names, feed), strict=True):
             # the OOD score decides abstention: compared relative to its size (a distance, not a probability)
-            scale = 1.0 if name == "probabilities" else max(1.0, float(np.abs(b).max()))
+            scale = 1.0 if name == contract.PROBABILITIES else max(1.0, float(np.abs(b).max()))
             worst = max(worst, float(np.abs(a - b).max()) / scale)
     return worst

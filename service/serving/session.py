@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from classifier_core import contract
 from classifier_core.artifact import ATTENTION, PROBABILITIES, ArtifactError, Manifest, load_manifest
 from classifier_core.text import EncodedText, TextEncoder
 
 from ..settings import Settings
-from .base import ModelInfo, Prediction, ProviderError, calibrate, predictions, resident_bytes
+from .base import ModelInfo, Prediction, ProviderError, predictions, resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +159,13 @@ class Predictor:
             want = [(e.name, e.dtype) for e in expected]
             if got != want:
                 raise ArtifactError(f"{model_path}: {kind}s {got} do not match the manifest's {want}")
-        for name in ("image", "input_ids"):
+        for name in (contract.IMAGE, contract.INPUT_IDS):
             if name not in {i.name for i in manifest.inputs}:
                 raise ArtifactError(f"{model_path}: the model has no '{name}' input")
         for name in (PROBABILITIES, ATTENTION):  # read by name, never by position
             if name not in {o.name for o in manifest.outputs}:
                 raise ArtifactError(f"{model_path}: the model has no '{name}' output")
-        img = next(i for i in sess.get_inputs() if i.name == "image").shape
+        img = next(i for i in sess.get_inputs() if i.name == contract.IMAGE).shape
         if list(img[1:]) != [manifest.image_size, manifest.image_size, 3]:
             raise ArtifactError(f"{model_path}: image input shape {img} does not match image_size {manifest.image_size}")
 
@@ -233,8 +234,8 @@ class Predictor:
         lengths = (self.manifest.max_len,) if self.fixed_shapes else (1, self.manifest.max_len)
         for batch in batches:
             for length in lengths:
-                probs = self.session.run([PROBABILITIES], {"image": np.zeros((batch, size, size, 3), np.uint8),
-                                                           "input_ids": np.full((batch, length), 2, np.int64)})[0]
+                probs = self.session.run([PROBABILITIES], contract.feeds(np.zeros((batch, size, size, 3), np.uint8),
+                                                                         np.full((batch, length), 2, np.int64)))[0]
                 width = probs.shape[1]
         return width
 
@@ -255,7 +256,7 @@ class Predictor:
         assert self.session is not None and self.text is not None and self.manifest is not None
         step = self.settings.max_batch_size
         probs_out, attn_out, ood_out = [], [], []
-        threshold = self.manifest.ood_threshold
+        names = contract.output_names(self.manifest)
         for s in range(0, len(ids), step):
             batch_ids, imgs = ids[s : s + step], images[s : s + step]
             n, width = batch_ids.shape
@@ -266,16 +267,13 @@ class Predictor:
                 if bucket > n:  # zero rows fill the bucket; their outputs are dropped
                     imgs = np.concatenate([imgs, np.zeros((bucket - n, *imgs.shape[1:]), imgs.dtype)])
                 batch_ids = full
-            names = [PROBABILITIES, ATTENTION] if threshold is None else [PROBABILITIES, ATTENTION, str(self.manifest.ood["output"])]
-            outputs = self.session.run(names, {"image": imgs, "input_ids": batch_ids})
-            probs_out.append(outputs[0][:n])
-            attn_out.append(outputs[1][:n, :width])
-            if threshold is not None:
-                ood_out.append((outputs[2][:n] / threshold).astype(np.float32))
-            else:
-                ood_out.append(np.full(n, np.nan, np.float32))
-        probs = calibrate(np.concatenate(probs_out), self.manifest.temperature)
-        return probs, np.concatenate(attn_out), np.concatenate(ood_out)
+            out = contract.postprocess({k: v[:n] for k, v in zip(names, self.session.run(names, contract.feeds(imgs, batch_ids)),
+                                                                  strict=True)}, self.manifest)
+            assert out.attention is not None
+            probs_out.append(out.probabilities)
+            attn_out.append(out.attention[:, :width])
+            ood_out.append(out.ood)
+        return np.concatenate(probs_out), np.concatenate(attn_out), np.concatenate(ood_out)
 
     def close(self) -> None:
         """Drop the session: an unloaded version's memory goes back (the batcher has stopped calling it)."""
