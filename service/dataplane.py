@@ -49,9 +49,9 @@ def check_outputs(names: Sequence[str]) -> None:
     """Outputs a request asks for, checked before any inference runs."""
     for i, name in enumerate(names):
         if name not in OUTPUTS:
-            raise BadRequest(f"unknown output '{truncate(name)}'; the model has {', '.join(OUTPUT_NAMES)}", code="bad_request")
+            raise BadRequest(f"unknown output '{truncate(name)}'; the model has {', '.join(OUTPUT_NAMES)}")
         if name in names[:i]:
-            raise BadRequest(f"output '{truncate(name)}' is requested more than once", code="bad_request")
+            raise BadRequest(f"output '{truncate(name)}' is requested more than once")
 
 
 def model_metadata(pipeline: Pipeline, model: ModelInfo) -> dict[str, Any]:

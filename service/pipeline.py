@@ -89,11 +89,6 @@ def _forget_frames(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-class _RowFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.error = RowError(code, message)
-
-
 @dataclass
 class Prepared:
     image: np.ndarray  # uint8 [S, S, 3]
@@ -261,9 +256,9 @@ class Pipeline:
             description = self._validate(row)
             prepared = await self._prepare(model.info, row, description, deadline)
             return await self._submit(model.batcher, prepared)
-        except _RowFailed as f:
+        except ServiceError as f:  # the one conversion: a code raised anywhere for this row becomes its answer
             _forget_frames(f)
-            return f.error
+            return RowError(f.code, f.message)
         except Exception as exc:  # a bug must cost one row, never its neighbours or the worker
             log.error("row failed unexpectedly: %s", type(exc).__name__, exc_info=exc)
             _forget_frames(exc)
@@ -275,7 +270,7 @@ class Pipeline:
         if row.base64:
             size = len(row.image) * 3 // 4  # decoded size, known before decoding
         if size > s.max_upload_bytes:
-            raise _RowFailed("payload_too_large", f"the image is {size} bytes; the limit is {s.max_upload_bytes}")
+            raise ServiceError(f"the image is {size} bytes; the limit is {s.max_upload_bytes}", code="payload_too_large")
         raw = row.description
         if isinstance(raw, bytes):
             # UTF-8, or Latin-1 where it is not valid UTF-8: what the multipart parser does with a
@@ -289,10 +284,10 @@ class Pipeline:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # JSON can carry lone surrogates ("\ud800"): not text
-                raise _RowFailed("invalid_description", "the description is not valid Unicode text (a lone surrogate)") from None
+                raise ServiceError("the description is not valid Unicode text (a lone surrogate)", code="invalid_description") from None
         if len(text) > s.max_description_chars:
-            raise _RowFailed("description_too_long",
-                             f"the description has {len(text)} characters; the limit is {s.max_description_chars}")
+            raise ServiceError(f"the description has {len(text)} characters; the limit is {s.max_description_chars}",
+                               code="description_too_long")
         return text
 
     def _prepare_sync(self, model: ModelInfo, row: Row, description: str) -> Prepared:
@@ -302,20 +297,21 @@ class Pipeline:
             try:
                 data = base64.b64decode(data, validate=True)
             except (binascii.Error, ValueError):
-                raise _RowFailed("bad_base64", "the image is not valid base64") from None
+                raise ServiceError("the image is not valid base64", code="bad_base64") from None
             if len(data) > self.settings.max_upload_bytes:
-                raise _RowFailed("payload_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
+                raise ServiceError(f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}",
+                                   code="payload_too_large")
         assert isinstance(data, bytes)
         try:
             image = load_image(data, model.image_size, self.settings.max_image_pixels)
         except ImageError as err:
             self.metrics.images_decoded.labels("error").inc()
-            raise _RowFailed(err.code, str(err)) from None
+            raise ServiceError(str(err), code=err.code) from None
         self.metrics.images_decoded.labels("ok").inc()
         try:
             encoded = model.text.encode(description)
         except Exception as exc:
-            raise _RowFailed("invalid_description", f"the description could not be tokenized ({type(exc).__name__})") from None
+            raise ServiceError(f"the description could not be tokenized ({type(exc).__name__})", code="invalid_description") from None
         return Prepared(image, encoded)
 
     async def _prepare(self, model: ModelInfo, row: Row, description: str, deadline: float) -> Prepared:
@@ -324,7 +320,7 @@ class Pipeline:
                 and image[:2] == b"\xff\xd8" and not is_progressive_jpeg(image)):
             return self._prepare_sync(model, row, description)  # a small baseline JPEG: cheaper than a thread hop
         if self.overrunning >= self.decode_threads:
-            raise _RowFailed("overloaded", f"{self.overrunning} image decodes are past their time budget and still running")
+            raise ServiceError(f"{self.overrunning} image decodes are past their time budget and still running", code="overloaded")
         # past the budget the row is answered at once; its thread runs on (Pillow cannot be
         # interrupted) and holds its executor slot until it ends, so overruns cannot pile up
         loop = asyncio.get_running_loop()
@@ -374,10 +370,10 @@ class Pipeline:
                     state["expired"] = True  # cancelled from outside: a queued decode is skipped
                 raise
             if state["queued_out"]:
-                raise _RowFailed("timeout", "the image waited for a decode thread past the request's time budget of "
-                                 f"{self.settings.request_timeout_ms:g} ms") from None
+                raise ServiceError("the image waited for a decode thread past the request's time budget of "
+                                   f"{self.settings.request_timeout_ms:g} ms", code="timeout") from None
             log.warning("an image decode passed its budget of %.1f s (%d still running)", budget, self.overrunning)
-            raise _RowFailed("image_too_complex", f"decoding the image took longer than its budget of {budget:g} s") from None
+            raise ServiceError(f"decoding the image took longer than its budget of {budget:g} s", code="image_too_complex") from None
         finally:
             for t in timer:
                 t.cancel()
@@ -387,10 +383,10 @@ class Pipeline:
         try:
             return await batcher.submit(prepared.image, prepared.text)
         except QueueFull as exc:
-            raise _RowFailed("overloaded", str(exc)) from None
+            raise ServiceError(str(exc), code="overloaded") from None
         except QueueTimeout as exc:
-            raise _RowFailed("timeout", str(exc)) from None
+            raise ServiceError(str(exc), code="timeout") from None
         except Stopped as exc:
-            raise _RowFailed("not_ready", str(exc)) from None
+            raise ServiceError(str(exc), code="not_ready") from None
         except BatchFailed as exc:
-            raise _RowFailed("inference_failed", str(exc)) from None
+            raise ServiceError(str(exc), code="inference_failed") from None

@@ -112,7 +112,7 @@ class InferenceService:
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         """``dataplane.infer`` with the protocol's message (already read: grpcio hands it over whole)."""
         if len(request.parameters) > MAX_PARAMETERS:
-            raise BadRequest(f"more than {MAX_PARAMETERS} parameters", code="bad_request")
+            raise BadRequest(f"more than {MAX_PARAMETERS} parameters")
         min_confidence = parameter_min_confidence({k: _param(v) for k, v in request.parameters.items()}, self.pipeline)
         names = [o.name for o in request.outputs] or list(dataplane.OUTPUT_NAMES)
 
@@ -142,7 +142,7 @@ class InferenceService:
     def _tensors(self, request: pb.ModelInferRequest) -> dict[str, tuple[list[Any], bool]]:
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
-            raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs", code="bad_request")
+            raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
         tensors: dict[str, tuple[list[Any], bool]] = {}
         for i, t in enumerate(request.inputs):
             check_input(tensors, t.name, t.datatype)
@@ -150,18 +150,17 @@ class InferenceService:
             if c.bool_contents or c.int_contents or c.int64_contents or c.uint_contents or c.uint64_contents \
                     or c.fp32_contents or c.fp64_contents:
                 raise BadRequest(f"input '{t.name}' is BYTES: its data belongs in contents.bytes_contents or "
-                                 "raw_input_contents", code="bad_request")
+                                 "raw_input_contents")
             if raw:
                 elements: list[Any] = deserialize_bytes(raw[i])
             elif c.bytes_contents:
                 elements = list(c.bytes_contents)
             else:
-                raise BadRequest(f"input '{t.name}' has no data (raw_input_contents or contents.bytes_contents)",
-                                 code="bad_request")
+                raise BadRequest(f"input '{t.name}' has no data (raw_input_contents or contents.bytes_contents)")
             check_shape(t.name, list(t.shape), len(elements))
             tensors[t.name] = (elements, True)  # raw bytes either way: never base64 here
         if "image" not in tensors:
-            raise BadRequest("input 'image' is required", code="bad_request")
+            raise BadRequest("input 'image' is required")
         return tensors
 
     # --- around every call -----------------------------------------------------------
@@ -199,9 +198,9 @@ class InferenceService:
                     check_infer_request(raw, CAPS)
                 request = message.FromString(raw)
             except Malformed as exc:
-                raise BadRequest(str(exc), code="bad_request") from None
+                raise BadRequest(str(exc)) from None
             except DecodeError:
-                raise BadRequest(f"the message is not a valid {message.__name__} (protobuf)", code="bad_request") from None
+                raise BadRequest(f"the message is not a valid {message.__name__} (protobuf)") from None
             return await serve(request, context)
         finally:
             self.inflight_bytes -= size

@@ -96,15 +96,15 @@ async def read_form_row(request: Request) -> Row:
         if not images:
             raise InvalidField("the 'image' file field is required", code="missing_field")
         if len(images) > 1:
-            raise InvalidField("send exactly one 'image' file field", code="invalid_field")
+            raise InvalidField("send exactly one 'image' file field")
         if not isinstance(images[0], UploadFile):
-            raise InvalidField("'image' must be a file part (with a filename), not a text field", code="invalid_field")
+            raise InvalidField("'image' must be a file part (with a filename), not a text field")
         descriptions = fields.get("description", [])
         if len(descriptions) > 1:
-            raise InvalidField("send at most one 'description' field", code="invalid_field")
+            raise InvalidField("send at most one 'description' field")
         description = descriptions[0] if descriptions else ""
         if not isinstance(description, str):
-            raise InvalidField("'description' must be a text field, not a file", code="invalid_field")
+            raise InvalidField("'description' must be a text field, not a file")
         return Row(await images[0].read(), description)
     finally:
         await form.close()

@@ -98,7 +98,7 @@ def v2_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _bad(message: str) -> BadRequest:
-    return BadRequest(message, code="bad_request")
+    return BadRequest(message)
 
 
 def deserialize_bytes(raw: bytes) -> list[bytes]:

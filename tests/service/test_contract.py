@@ -173,3 +173,34 @@ def test_every_code_is_documented_and_no_edge_writes_a_status_by_hand() -> None:
             and "inference_pb2" not in p.name for n, line in enumerate(p.read_text().splitlines(), 1)
             if literal.search(line) and not line.lstrip().startswith("#")]
     assert not hits, hits
+
+
+# every place a code is written as a literal: keyword or class attribute, a row's error, an edge's lookup
+CODE_LITERALS = [r'\bcode\s*=\s*"([a-z_]+)"', r'RowError\(\s*"([a-z_]+)"',
+                 r'\b(?:error_response|http_status|grpc_status|retry_headers|retry_after|lookup)\((?:[a-z_.]+,\s*)?"([a-z_]+)"']
+
+
+def unknown_codes(root: Any, table: Any) -> list[str]:
+    import re
+
+    found = []
+    for package in ("service", "classifier_core", "itc"):
+        for p in sorted((root / package).rglob("*.py")):
+            text = p.read_text()
+            for pattern in CODE_LITERALS:
+                for m in re.finditer(pattern, text):
+                    if m.group(1) not in table:
+                        found.append(f"{p.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(1)}")
+    return found
+
+
+def test_every_code_written_in_the_code_is_in_the_table(tmp_path: Path) -> None:
+    """A mistyped code would be answered as internal_error (a 500): it fails here instead."""
+    from helpers import ROOT
+
+    from service.codes import TABLE
+
+    assert unknown_codes(ROOT, TABLE) == []
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "x.py").write_text('raise BadRequest("no", code="bad_reqest")\nerror_response(request, "not_redy", "m")\n')
+    assert [h.split(": ")[1] for h in unknown_codes(tmp_path, TABLE)] == ["bad_reqest", "not_redy"]
