@@ -17,7 +17,7 @@ from typing import Any
 from . import jsonsafe
 from .config import add_config_flags, resolve_config
 from .data import scan
-from .train import spec_of, train
+from .train import data_spec, train
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if base.out_dir == "runs/fused":
         base.out_dir = "runs/ablation"
     root = Path(base.out_dir)
-    index = scan(spec_of(base))  # one metadata pass for the three runs
+    index = scan(data_spec(base))  # one metadata pass for the three runs
     results: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         cfg = copy.deepcopy(base)

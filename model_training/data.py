@@ -196,7 +196,7 @@ def image_header_ok(path: Path) -> bool:
         return False
 
 
-def read_manifest(path: str | Path, report: SkipReport, group_key: str | None = None, columns: Columns | None = None,
+def read_table(path: str | Path, report: SkipReport, group_key: str | None = None, columns: Columns | None = None,
                   check_images: bool = False) -> Iterator[Sample]:
     """A CSV, TSV or JSON Lines table with an image path (relative to the table), a caption and a label.
 
@@ -341,7 +341,7 @@ def read_any(
             for d in class_folders(src):
                 yield from read_class_folder(f"{CLASS_FOLDER}{src}::{d.name}", report, check_images)
         elif kind == "table":
-            yield from read_manifest(src, report, group_key, cols, check_images)
+            yield from read_table(src, report, group_key, cols, check_images)
         else:
             yield from read_webdataset([src], report, label_key, label_map, group_key)
 

@@ -169,7 +169,7 @@ class PretrainedImageEncoder(nn.Module):
         return self.project(self.pool(image, stats))
 
 
-class TextEncoder(nn.Module):
+class LSTMTextEncoder(nn.Module):
     """Embedding -> LSTM -> additive attention over time steps.
 
     No ``pack_padded_sequence``: the LSTM is unidirectional and ids are right-padded,
@@ -237,9 +237,9 @@ class FusedClassifier(nn.Module):
         self.image_encoder: ImageEncoder | PretrainedImageEncoder | None = None
         if cfg.mode in ("image", "fused"):
             self.image_encoder = PretrainedImageEncoder(cfg) if cfg.backbone != "none" else ImageEncoder(cfg)
-        self.text_encoder: TextEncoder | SentenceTextEncoder | None = None
+        self.text_encoder: LSTMTextEncoder | SentenceTextEncoder | None = None
         if cfg.mode in ("text", "fused"):
-            self.text_encoder = SentenceTextEncoder(cfg) if cfg.text_encoder == "minilm" else TextEncoder(cfg)
+            self.text_encoder = SentenceTextEncoder(cfg) if cfg.text_encoder == "minilm" else LSTMTextEncoder(cfg)
         width = (cfg.image_dim if self.image_encoder else 0) + (cfg.hidden_dim if self.text_encoder else 0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, cfg.num_classes)

@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def spec_of(cfg: TrainConfig) -> DataSpec:
+def data_spec(cfg: TrainConfig) -> DataSpec:
     return DataSpec(list(cfg.data), cfg.seed, cfg.label_key, cfg.label_map, cfg.val_frac, cfg.test_frac, cfg.group_key,
                     cfg.image_key, cfg.caption_key, cfg.delimiter)
 
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
                         "(it was trained on up to 256)")
     if cfg.tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, not {cfg.tokenizer!r}")
-    spec = spec_of(cfg)
+    spec = data_spec(cfg)
     if index is None:
         index = scan(spec, max_bad="100%" if cfg.skip_bad else cfg.max_bad)
     spec = dataclasses.replace(spec, bad_keys=frozenset(key for key, _ in index.report.bad_images()))

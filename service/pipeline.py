@@ -141,7 +141,7 @@ class Pipeline:
         self._overrun_lock = threading.Lock()
         # one backend call at a time in this worker, whichever model: each already uses intra_op_threads cores
         self.limiter = anyio.CapacityLimiter(1)
-        self.repository = Repository(settings, metrics, self.context, self._backend, self._batcher)
+        self.repository = Repository(settings, metrics, self.context, self._backend, self._sink)
 
     def _backend(self, c: Candidate) -> Backend:
         """The engine for one version folder: in this process, or the owner process's (the owner topology)."""
@@ -157,7 +157,7 @@ class Pipeline:
 
         return Predictor(self.settings, c.directory, name, version)
 
-    def _batcher(self, backend: Backend, info: ModelInfo) -> RowSink:
+    def _sink(self, backend: Backend, info: ModelInfo) -> RowSink:
         """A batcher before a session; the owner client takes rows as they come (the owner batches them)."""
         if hasattr(backend, "submit"):
             return cast(RowSink, backend)
@@ -192,7 +192,7 @@ class Pipeline:
     def lease(self, name: str | None = None, version: str | None = None) -> Iterator[Loaded]:
         """The version that serves this request, held from resolution to the answer (body, parse,
         decode, batch, encoding): a swap or unload retires it only once every lease is back, or
-        after the longest a request may take (``Repository.retire_wait_s``), when its batcher answers
+        after the longest a request may take (``Repository.retire_wait_s``), when its row sink answers
         what is left with 503 not_ready. Every protocol takes its model here."""
         loaded = self.repository.resolve(name, version)
         loaded.inflight += 1
@@ -255,7 +255,7 @@ class Pipeline:
         try:
             description = self._validate(row)
             prepared = await self._prepare(model.info, row, description, deadline)
-            return await self._submit(model.batcher, prepared)
+            return await self._submit(model.sink, prepared)
         except ServiceError as f:  # the one conversion: a code raised anywhere for this row becomes its answer
             _forget_frames(f)
             return RowError(f.code, f.message)
@@ -379,9 +379,9 @@ class Pipeline:
                 t.cancel()
 
     @staticmethod
-    async def _submit(batcher: RowSink, prepared: Prepared) -> Prediction:
+    async def _submit(sink: RowSink, prepared: Prepared) -> Prediction:
         try:
-            return await batcher.submit(prepared.image, prepared.text)
+            return await sink.submit(prepared.image, prepared.text)
         except QueueFull as exc:
             raise ServiceError(str(exc), code="overloaded") from None
         except QueueTimeout as exc:

@@ -94,7 +94,7 @@ class Readiness(BaseModel):
     detail: str | None = None
 
 
-class ModelInfo(BaseModel):
+class ModelInfoBody(BaseModel):
     name: str
     version: str
     mode: str

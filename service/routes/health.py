@@ -13,8 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..dataplane import server_state, version_key
 from ..deps import ModelName, ModelVersion, PipelineDep, SettingsDep
 from ..errors import error_response
-from ..schemas import Health, Readiness, error_responses
-from ..schemas import ModelInfo as ModelInfoBody
+from ..schemas import Health, ModelInfoBody, Readiness, error_responses
 from ..serving.base import ModelInfo
 from ..settings import Settings
 

@@ -76,11 +76,11 @@ class Candidate:
 
 @dataclass
 class Loaded:
-    """A model version that is loaded and serves: its description, its engine, its batcher."""
+    """A model version that is loaded and serves: its description, its engine, its row sink."""
 
     info: ModelInfo
     backend: Backend
-    batcher: RowSink  # a Batcher before a session, or the owner client (the owner batches)
+    sink: RowSink  # where its rows go: a Batcher before a session, or the owner client (the owner batches)
     files: tuple[tuple[str, int, int], ...] = ()  # its folder's signature when it was loaded: a change reloads it
     inflight: int = 0  # leases: requests that resolved to it and have not been answered
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,7 +107,7 @@ def read_policy(model_folder: Path) -> tuple[Any, str | None]:
     return versions, default
 
 
-def scan(settings: Settings) -> dict[str, list[Candidate]]:
+def scan_repository(settings: Settings) -> dict[str, list[Candidate]]:
     """name -> its version folders, oldest first (a single ``--model-dir``: the manifest's name and version)."""
     root = settings.model_repository
     if root is None:
@@ -160,7 +160,7 @@ def wanted(settings: Settings, versions: list[Candidate]) -> list[Candidate]:
 def initial_versions(settings: Settings) -> list[Candidate]:
     """What a worker loads at start: every model's wanted versions (the owner process preloads these)."""
     out: list[Candidate] = []
-    for versions in scan(settings).values():
+    for versions in scan_repository(settings).values():
         with contextlib.suppress(ArtifactError):
             out.extend(wanted(settings, versions))
     return out
@@ -170,12 +170,12 @@ class Repository:
     """The versions this worker serves, by name; see the module's docstring for how the set changes."""
 
     def __init__(self, settings: Settings, metrics: Metrics, context: WorkerContext,
-                 make_backend: Callable[[Candidate], Backend], make_batcher: Callable[[Backend, ModelInfo], RowSink]) -> None:
+                 make_backend: Callable[[Candidate], Backend], make_sink: Callable[[Backend, ModelInfo], RowSink]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.context = context
         self.make_backend = make_backend
-        self.make_batcher = make_batcher
+        self.make_sink = make_sink
         self.models: dict[str, dict[str, Loaded]] = {}  # replaced whole on every change, never edited in place
         self.failed: dict[str, str] = {}  # "name/version" (or "name") -> why it is not served
         self.unloaded: set[str] = set()  # unloaded through the API: polls leave them alone until loaded again
@@ -246,7 +246,7 @@ class Repository:
     def index(self) -> list[dict[str, Any]]:
         """Triton's repository index: every version found or loaded, with its state."""
         rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for name, versions in scan(self.settings).items():
+        for name, versions in scan_repository(self.settings).items():
             for c in versions:
                 rows[(name, c.version)] = {"name": name, "version": c.version, "state": "UNAVAILABLE", "reason": "not loaded"}
         for key, reason in self.failed.items():
@@ -264,7 +264,7 @@ class Repository:
         self._replay_unloaded()
         self._write_applied()  # what it will serve reflects the log so far: no API call waits for its loading
         async with self._change:
-            for name, versions in scan(self.settings).items():
+            for name, versions in scan_repository(self.settings).items():
                 if name not in self.unloaded:
                     await self._apply(name, versions, strict=False)
             await self._catch_up()  # operations logged while it loaded, before it serves
@@ -294,7 +294,7 @@ class Repository:
         """The repository API's load: (re)load ``name``'s wanted versions from its folder, in every worker.
         LoadFailed if none loads here; returns what serves and the workers that have not applied it yet."""
         async with self._change:
-            versions = scan(self.settings).get(name)
+            versions = scan_repository(self.settings).get(name)
             if not versions:
                 raise ModelNotFound(f"the repository has no model folder '{truncate(name)}' with a version in it")
             seq = await self._run_op("load", name)
@@ -326,7 +326,7 @@ class Repository:
             self._swap(name, {})
             return
         self.unloaded.discard(name)
-        versions = scan(self.settings).get(name)
+        versions = scan_repository(self.settings).get(name)
         if not versions:
             if strict:
                 raise ModelNotFound(f"the repository has no model folder '{truncate(name)}' with a version in it")
@@ -336,7 +336,7 @@ class Repository:
     async def poll(self) -> None:
         """One folder scan (``--poll-repository``): new versions in, retired ones out, new models loaded."""
         async with self._change:
-            found = scan(self.settings)
+            found = scan_repository(self.settings)
             for name, versions in found.items():
                 if name not in self.unloaded:
                     await self._apply(name, versions, strict=False)
@@ -418,12 +418,12 @@ class Repository:
             # load it, say); at start a worker keeps it and becomes ready when its owner is back
             backend.close()
             raise ArtifactError(f"{c.directory}: loaded but not ready ({backend.state}: {backend.error or 'see the log'})")
-        batcher = self.make_batcher(backend, info)
-        await batcher.start()
+        sink = self.make_sink(backend, info)
+        await sink.start()
         self.metrics.model_info.labels(info.name, info.version, info.provider).set(1)
         log.info("model %s loaded in %.2f s (%s)", info.key, info.load_seconds,
                  f"{info.memory_bytes / 1e6:.0f} MB" if info.memory_bytes else "memory not measured")
-        return Loaded(info, backend, batcher, files)
+        return Loaded(info, backend, sink, files)
 
     def _swap(self, name: str, versions: dict[str, Loaded]) -> None:
         """Replace ``name``'s version table in one assignment; what left it closes once drained."""
@@ -444,7 +444,7 @@ class Repository:
     @property
     def retire_wait_s(self) -> float:
         """How long a replaced version waits for its leases: the longest a request may take (its body,
-        then its rows). Past it the version closes and its batcher answers what is left with 503."""
+        then its rows). Past it the version closes and its row sink answers what is left with 503."""
         return self.settings.body_timeout_s + self.settings.request_timeout_ms / 1000
 
     async def _retire(self, lo: Loaded) -> None:
@@ -460,7 +460,7 @@ class Repository:
         log.info("model %s unloaded (%.2f s after it was replaced)", lo.info.key, time.perf_counter() - t0)
 
     async def _close(self, lo: Loaded) -> None:
-        await lo.batcher.stop()
+        await lo.sink.stop()
         lo.backend.close()
         self._retiring.pop(id(lo), None)
         labels = (lo.info.name, lo.info.version, lo.info.provider)

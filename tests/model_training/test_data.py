@@ -6,7 +6,7 @@ from pathlib import Path
 
 from helpers import jpeg_bytes, write_shard
 
-from model_training.data import DataSpec, SkipReport, read_manifest, read_webdataset, scan, split_of
+from model_training.data import DataSpec, SkipReport, read_table, read_webdataset, scan, split_of
 from model_training.stream import collect
 
 
@@ -70,13 +70,13 @@ def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     (tmp_path / "img" / "a.jpg").write_bytes(jpeg_bytes())
     (tmp_path / "m.csv").write_text("image,caption,label\nimg/a.jpg,a red apple,apple\nimg/missing.jpg,x,apple\n,no image,apple\n")
     report = SkipReport()
-    rows = list(read_manifest(tmp_path / "m.csv", report))
+    rows = list(read_table(tmp_path / "m.csv", report))
     assert [(r.caption, r.label) for r in rows] == [("a red apple", "apple")]
     assert report.counts == {"image file missing": 1, "missing image or label field": 1}
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"image": "img/a.jpg", "caption": "fruit", "label": "apple"}) + "\nnot json\n[1]\n")
     report = SkipReport()
-    rows = list(read_manifest(tmp_path / "m.jsonl", report))
+    rows = list(read_table(tmp_path / "m.jsonl", report))
     assert [r.label for r in rows] == ["apple"] and report.counts == {"bad JSON line": 2}
 
 

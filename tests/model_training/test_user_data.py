@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, jpeg_bytes, write_shard
 
-from model_training.data import DataError, DataSpec, SkipReport, read_manifest, read_webdataset, scan
+from model_training.data import DataError, DataSpec, SkipReport, read_table, read_webdataset, scan
 from model_training.jsonsafe import dumps
 
 COLOURS = {"apple": (200, 20, 20), "lemon": (230, 220, 40), "plum": (90, 20, 110)}
@@ -45,7 +45,7 @@ def test_excel_csv_with_bom_and_capitalised_headers_reads_every_row(tmp_path: Pa
     rows = write_images(tmp_path, 12)
     manifest = write_csv(tmp_path / "data.csv", rows, header="Image,Caption,Label", bom=True)
     report = SkipReport()
-    samples = list(read_manifest(manifest, report))
+    samples = list(read_table(manifest, report))
     assert report.total == 0, report.summary()
     # the key is the path relative to the manifest: a/000.jpg and b/000.jpg are two samples
     assert sorted(s.key for s in samples) == sorted(r for r, _ in rows) and "a/000.jpg" in {s.key for s in samples}
