@@ -65,7 +65,7 @@ def branch_logits(model: FusedClassifier, batches: Iterable[dict[str, Any]], dev
     return np.concatenate(targets)[:MAX_ROWS], np.concatenate(parts, axis=1)[:, :MAX_ROWS]
 
 
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the probes' grid (scripts/real_image_check.py)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the probes' grid (benchmarks/real_image_check.py)
 
 
 @torch.no_grad()

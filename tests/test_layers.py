@@ -74,6 +74,17 @@ def test_benchmarks_ship_neither_in_the_package_nor_in_the_image() -> None:
     assert not any(x in c for c in copies for x in ("benchmarks", "model_training", "tests", " . "))
 
 
+def test_every_tool_and_every_results_file_is_named() -> None:
+    """One tooling folder: each tool in benchmarks/README.md, each results file named by a document."""
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    docs = readme + (ROOT / "README.md").read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    tools = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py")) if p.name != "__init__.py"]
+    tools += [p.name for p in sorted((ROOT / "benchmarks").glob("*.sh"))]
+    assert [t for t in tools if t.removesuffix(".py").removesuffix(".sh") not in readme] == []
+    assert [r.name for r in sorted((ROOT / "benchmarks" / "results").iterdir()) if r.name not in docs] == []
+    assert not (ROOT / "scripts").exists()
+
+
 def test_the_serving_package_knows_no_protocol() -> None:
     # service/serving/ (backends, repository) is below the edges: no web framework, no gRPC, no routes
     bad = {}

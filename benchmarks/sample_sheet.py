@@ -1,6 +1,6 @@
 """Draw docs/samples.png: what the default model was trained on, three generated samples per label.
 
-    python scripts/sample_sheet.py
+    python benchmarks/sample_sheet.py
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ CELL, PAD, ROWS = 112, 8, 3
 def main() -> int:
     by_label: dict[str, list[Image.Image]] = {}
     for _, jpg, _, meta in generate(GeneratorConfig(seed=0, num_samples=400)):  # the built-in dataset's seed
-        imgs = by_label.setdefault(meta["label"], [])  # type: ignore[index]
+        imgs = by_label.setdefault(str(meta["label"]), [])  # type: ignore[index]
         if len(imgs) < ROWS:
             imgs.append(Image.open(io.BytesIO(jpg)).convert("RGB").resize((CELL, CELL)))
     labels = sorted(by_label)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, one run, at most 8 minutes, installs nothing. On a machine with an NVIDIA GPU and
-# onnxruntime-gpu (scripts/device_check.md), it prints:
-#   1. the provider the service uses, and its parity with CPU onnxruntime (scripts/gpu_check.py);
+# onnxruntime-gpu (docs/gpu-machine.md), it prints:
+#   1. the provider the service uses, and its parity with CPU onnxruntime (benchmarks/gpu_check.py);
 #   2. at concurrency 64 with the bench's 640x480 JPEGs, requests/s, p50/p99 and errors of
 #      (a) the CPU-only service, one worker per core, (b) today's per-worker CUDA topology,
 #      (c) the owner topology (one CUDA context fed by every worker) (benchmarks/topology.py).
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT="${OUT:-.}"
-timeout 120 "$PY" scripts/gpu_check.py --requests 1000 --concurrency 64 --server-log "$OUT/gpu_check_server.log" \
+timeout 120 "$PY" benchmarks/gpu_check.py --requests 1000 --concurrency 64 --server-log "$OUT/gpu_check_server.log" \
   | tee "$OUT/gpu_check.json" || echo "gpu_check.py failed (exit $?): see $OUT/gpu_check_server.log"
 timeout 240 "$PY" -m benchmarks.topology --configs cpu-workers,cuda-workers,cuda-owner --concurrency 64 \
   --requests 3000 --out "$OUT/topology_c64.json" || echo "topology benchmark failed (exit $?)"

@@ -3,7 +3,7 @@
 Run on a machine with an NVIDIA GPU where onnxruntime-gpu and its CUDA 13 / cuDNN 9
 libraries are installed; it installs nothing. Exit code 0 only if every check passes.
 
-    python scripts/gpu_check.py [--model-dir exported_models/default] [--requests 1000]
+    python benchmarks/gpu_check.py [--model-dir exported_models/default] [--requests 1000]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Retake docs/demo.png: the demo page on the default model with a real answer, in Debian's chromium.
 
-    python scripts/demo_screenshot.py            # needs the dev extra (playwright) and chromium
+    python benchmarks/demo_screenshot.py            # needs the dev extra (playwright) and chromium
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Real-image check (not a test): photographs that ship inside packages, split by source photo.
 
     pip install scikit-image            # 0.26: its data folder ships the photographs (no download)
-    python scripts/real_image_check.py --out benchmarks/results/real_images.json
+    python benchmarks/real_image_check.py --out benchmarks/results/real_images.json
 
 Two datasets, written as CSV manifests into a temporary folder:
 
@@ -102,9 +102,9 @@ def write_scenes(folder: Path, crops: int, seed: int) -> Path:
             ratio = rng.uniform(3 / 4, 4 / 3)
             cw, ch = min(w, int((area * ratio) ** 0.5)), min(h, int((area / ratio) ** 0.5))
             x, y = rng.randrange(w - cw + 1), rng.randrange(h - ch + 1)
-            crop = Image.fromarray(img[y : y + ch, x : x + cw]).resize((160, 160), Image.BILINEAR)
+            crop = Image.fromarray(img[y : y + ch, x : x + cw]).resize((160, 160), Image.Resampling.BILINEAR)
             if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             rel = f"scenes/{name}_{k:03d}.jpg"
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             crop.save(folder / rel, quality=90)
@@ -129,7 +129,7 @@ def write_faces(folder: Path, seed: int) -> Path:
     return folder / "faces.csv"
 
 
-def _fit(x: object, y: object, l2: float, classes: int) -> tuple[object, object]:
+def _fit(x: Any, y: Any, l2: float, classes: int) -> tuple[Any, Any]:
     import torch
 
     assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
@@ -322,7 +322,7 @@ def main() -> int:
     manifests = {"scenes": (write_scenes(tmp, 40, a.seed), ["--group-key", "source", "--val-frac", "0.2", "--test-frac", "0.25"]),
                  "faces": (write_faces(tmp, a.seed), ["--val-frac", "0.15", "--test-frac", "0.25"])}
     report: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                                 "command": "python scripts/real_image_check.py " + " ".join(sys.argv[1:]),
+                                 "command": "python benchmarks/real_image_check.py " + " ".join(sys.argv[1:]),
                                  "epochs": a.epochs, "results": {}}
     from model_training.data import split_of
 
