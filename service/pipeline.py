@@ -150,7 +150,7 @@ class Pipeline:
         # a repository serves its folder names; a single --model-dir the manifest's name and version
         name, version = (c.name, c.version) if self.settings.model_repository is not None else (None, None)
         if self.context.owner_address:
-            from .serving.owner import RemotePredictor
+            from .serving.owner_client import RemotePredictor
 
             return RemotePredictor(self.settings, self.context.owner_address, c.directory, name, version)
         from .serving.session import Predictor

@@ -232,7 +232,7 @@ class Supervisor:
 
     # --- the model owner -------------------------------------------------------------
     def _spawn_owner(self) -> Worker:
-        from .serving.owner import owner_main
+        from .serving.owner_server import owner_main
 
         assert self.owner_settings is not None and self.context.owner_address is not None
         r, w = self.ctx.Pipe(duplex=False)

@@ -4,7 +4,8 @@
 
     base.py        Backend (the interface), ModelInfo (what a loaded model is), Prediction
     session.py     Backend in this process: an onnxruntime session
-    owner.py       Backend in front of an owner process that holds the session (shared memory)
+    owner_client.py  Backend in front of an owner process that holds the session (shared memory)
+    owner_server.py  the owner process: accepts workers, merges their rows, runs the sessions
     wire.py        the owner topology's wire format: slab, message heads, heartbeat
     repository.py  the loaded models and versions: load, unload, replace, route by name
 
