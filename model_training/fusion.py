@@ -13,9 +13,10 @@ buffers of the model, so they travel in ``best.pt`` and into the ONNX graph like
 
 ``--model.refit-heads`` (the pretrained preset's, with ``--model.probe-head``): before the weights,
 each branch head's final linear layer is fitted again as a linear probe of what it reads (L-BFGS,
-L2 chosen on validation); its temperatures then stay 1, because the chosen L2 already sets how sharp
-the probe is and a second fit on the same few validation photographs sharpened the head that looked
-best there (scenes, seeds 0-4: 0.498 with temperatures, 0.634 without; docs/training.md).
+L2 chosen on validation), and the answer is the two probes' late fusion as a practitioner picks it:
+temperatures 1 (a second fit on the same few validation photographs sharpened the head that looked
+best there), the joint head out (trained beside the others, it memorises), the image weight from
+0.25/0.5/0.75 (ties: the caption-heavier). Scenes, seeds 0-4: 0.557 (heads) -> 0.682 (docs/training.md).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def _probe(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> tuple[t
 
 def refit_head(layer: torch.nn.Linear, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> dict[str, Any]:
     """Fit ``layer`` again as a linear probe of its inputs: standardised with the training rows'
-    statistics, L2 from ``L2_GRID`` chosen on the validation rows (accuracy, ties: loss), the
-    standardisation folded into the layer's weights. A head trained by Adam beside the joint one
+    statistics, L2 from ``L2_GRID`` chosen on the validation rows (accuracy; ties: the smallest L2, as
+    the probes choose), the standardisation folded into the layer's weights. A head trained by Adam beside the joint one
     memorises a few hundred photographs; the probe's strong, validation-chosen L2 is what makes a
     late fusion of linear probes generalise."""
     classes = layer.out_features
@@ -120,15 +121,15 @@ def refit_head(layer: torch.nn.Linear, x: np.ndarray, y: np.ndarray, xv: np.ndar
     mu, sd = x.mean(0), x.std(0) + 1e-6
     xt, xvt = (torch.from_numpy((a - mu) / sd) for a in (x, xv))
     yt, yvt = torch.from_numpy(y), torch.from_numpy(yv)
-    best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor] | None = None
+    best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     for l2 in L2_GRID:
         w, b = _probe(xt, yt, l2, classes)
         z = xvt @ w + b
-        key = (float((z.argmax(1) == yvt).double().mean()), -float(torch.nn.functional.cross_entropy(z, yvt)))
-        if best is None or key > best[0]:
-            best = (key, l2, w, b)
+        acc = float((z.argmax(1) == yvt).double().mean())
+        if best is None or acc > best[0]:  # ties keep the smaller L2 (a loss tie-break chose 1.0: 0.639 vs 0.659)
+            best = (acc, l2, w, b)
     assert best is not None
-    (acc, _), l2, w, b = best
+    acc, l2, w, b = best
     sd_t, mu_t = torch.from_numpy(sd), torch.from_numpy(mu)
     with torch.no_grad():  # (x - mu) / sd @ w + b  ==  x @ (w / sd) + (b - (mu / sd) @ w)
         layer.weight.copy_((w / sd_t[:, None]).T.to(layer.weight.dtype))
@@ -180,17 +181,28 @@ def score(weights: tuple[float, ...], temperatures: tuple[float, ...], parts: np
     return float((z.argmax(1) == targets).mean()), nll(_log_softmax(z), targets)
 
 
-def fit_weights(parts: np.ndarray, targets: np.ndarray, temperatures: bool = True) -> dict[str, Any]:
-    """Each head's temperature (``temperatures``; else all 1), then the grid's best weights on these
-    rows (accuracy, ties: loss), with each head's own accuracy. Without rows the training values (all 1) stay."""
+def fit_weights(parts: np.ndarray, targets: np.ndarray, probes: bool = False) -> dict[str, Any]:
+    """Each head's temperature, then the grid's best weights on these rows (accuracy, ties: loss),
+    with each head's own accuracy. Without rows the training values (all 1) stay.
+
+    ``probes`` (the branch heads were refit as probes): a late fusion of the two probes as a
+    practitioner picks it: temperatures 1, the joint head out, the image weight 0.25, 0.5 or 0.75,
+    ties to the first (the caption-heavier)."""
     if len(targets) == 0:
         return {"weights": [1.0, 1.0, 1.0], "temperatures": [1.0, 1.0, 1.0], "rows": 0}
-    temps = tuple(temperature(parts[k], targets) for k in range(3)) if temperatures else (1.0, 1.0, 1.0)
-    ones = (1.0, 1.0, 1.0)
-    grid = [(j, i, t) for j in JOINT for i, t in MIXTURES]
-    scored = [(score(w, temps, parts, targets), w, temps) for w in grid]
-    scored.append((score(ones, ones, parts, targets), ones, ones))  # as trained: what chose the best epoch
-    (acc, loss), best, temps = max(scored, key=lambda s: (s[0][0], -s[0][1]))
+    ones: tuple[float, ...] = (1.0, 1.0, 1.0)
+    temps: tuple[float, ...]
+    scored: list[tuple[tuple[float, float], tuple[float, ...], tuple[float, ...]]]
+    if probes:
+        temps = ones
+        scored = [(score((0.0, i, t), temps, parts, targets), (0.0, i, t), temps) for i, t in MIXTURES]
+        (acc, loss), best, temps = max(scored, key=lambda s: s[0][0])  # max keeps the first of equals
+    else:
+        temps = tuple(temperature(parts[k], targets) for k in range(3))
+        grid: list[tuple[float, ...]] = [(j, i, t) for j in JOINT for i, t in MIXTURES]
+        scored = [(score(w, temps, parts, targets), w, temps) for w in grid]
+        scored.append((score(ones, ones, parts, targets), ones, ones))  # as trained: what chose the best epoch
+        (acc, loss), best, temps = max(scored, key=lambda s: (s[0][0], -s[0][1]))
     heads = {name: score(w, ones, parts, targets)[0]
              for name, w in (("joint", (1, 0, 0)), ("image", (0, 1, 0)), ("text", (0, 0, 1)), ("trained", ones))}
     return {"weights": [float(x) for x in best], "temperatures": [float(t) for t in temps], "rows": len(targets),

@@ -569,7 +569,7 @@ def fit_fusion(cfg: TrainConfig, out: Path, spec: DataSpec, index: DataIndex, to
         refit = fusion.refit_heads(best, train_in, val_in)  # the same on every rank: same rows, same L-BFGS
     targets, parts = gathered(fusion.branch_logits(best, batches("val"), dd.device), 1)
     if dd.main:
-        fit = fusion.fit_weights(parts, targets, temperatures=not refit)  # a refit probe's L2 already set its scale
+        fit = fusion.fit_weights(parts, targets, probes=bool(refit))  # refit probes: their late fusion
         _write_fusion(out, ckpt, best, {**fit, **({"refit": refit} if refit else {})})
     dd.barrier()  # every rank's final report reads best.pt: only once it holds the fitted weights
 

@@ -51,6 +51,18 @@ def test_the_fit_tames_a_head_that_memorised_and_keeps_the_one_that_reads() -> N
     assert fusion.fit_weights(parts[:, :0], y[:0])["weights"] == [1.0, 1.0, 1.0]  # no validation rows: as trained
 
 
+def test_refit_probes_are_fused_as_a_late_fusion_without_the_joint_head() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 90)
+    joint = np.eye(3)[y] * 9  # the joint head looks perfect on validation: it is left out all the same
+    noisy = np.eye(3)[y] * 2 + rng.normal(0, 1, (2, 90, 3))
+    fit = fusion.fit_weights(np.stack([joint, noisy[0], noisy[1]]).astype(np.float32), y, probes=True)
+    assert fit["weights"][0] == 0.0 and fit["temperatures"] == [1.0, 1.0, 1.0]
+    assert tuple(fit["weights"][1:]) in fusion.MIXTURES
+    same = np.stack([joint, noisy[0], noisy[0]]).astype(np.float32)  # every mixture ties: the caption-heavier first
+    assert fusion.fit_weights(same, y, probes=True)["weights"] == [0.0, 0.25, 0.75]
+
+
 def test_a_refit_head_is_the_validation_chosen_probe_folded_into_the_layer() -> None:
     """Features on very different scales, one informative: the probe standardises them, its L2 comes
     from the grid, and the layer (standardisation folded into its weights) answers as it scored."""
