@@ -89,8 +89,9 @@ def head_inputs(model: FusedClassifier, batches: Iterable[dict[str, Any]], devic
         n += len(targets[-1])
         if n >= MAX_ROWS:
             break
-    if not targets:
-        return np.zeros(0, np.int64), [np.zeros((0, 1), np.float32)] * 2
+    if not targets:  # (a rank with no rows: empty, of the widths the other ranks' rows have)
+        assert model.branch_heads is not None
+        return np.zeros(0, np.int64), [np.zeros((0, _final(h).in_features), np.float32) for h in model.branch_heads]
     return np.concatenate(targets)[:MAX_ROWS], [np.concatenate(f)[:MAX_ROWS] for f in feats]
 
 
@@ -137,6 +138,13 @@ def refit_head(layer: torch.nn.Linear, x: np.ndarray, y: np.ndarray, xv: np.ndar
     return {"l2": l2, "val_acc": acc}
 
 
+def _final(head: torch.nn.Module) -> torch.nn.Linear:
+    """A branch head's final linear layer (the probe head is BatchNorm, Dropout, Linear)."""
+    layer = head[-1] if isinstance(head, torch.nn.Sequential) else head
+    assert isinstance(layer, torch.nn.Linear)
+    return layer
+
+
 def refit_heads(model: FusedClassifier, train: tuple[np.ndarray, list[np.ndarray]],
                 val: tuple[np.ndarray, list[np.ndarray]]) -> dict[str, Any]:
     """Each branch head's final linear layer fitted again as a linear probe (``refit_head``)."""
@@ -146,9 +154,7 @@ def refit_heads(model: FusedClassifier, train: tuple[np.ndarray, list[np.ndarray
         return {}
     out = {}
     for name, head, x, xv in zip(("image", "text"), model.branch_heads, xs, xvs, strict=True):
-        layer = head[-1] if isinstance(head, torch.nn.Sequential) else head
-        assert isinstance(layer, torch.nn.Linear)
-        out[name] = refit_head(layer, x, y, xv, yv)
+        out[name] = refit_head(_final(head), x, y, xv, yv)
     return out
 
 

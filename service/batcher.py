@@ -87,6 +87,7 @@ class Batcher:
         self._direct_done = asyncio.Event()  # clear while it runs: the collector waits for it before it batches
         self._direct_done.set()
         self._holding = False  # the collector holds a first row until the lone row is done: still a queued row
+        self._direct_task: asyncio.Task[None] | None = None
         self.direct = direct
         self._stopped = False
 
@@ -115,8 +116,13 @@ class Batcher:
         for row in held:
             if not row.future.done():
                 row.future.set_exception(Stopped(reason))
+        if self._direct_task is not None and not self._direct_task.done():
+            # its session call runs on in its thread: the version closes only once it has returned
+            await asyncio.wait([self._direct_task])
 
-    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
+    async def submit(self, image: np.ndarray, text: EncodedText, alone: bool = False) -> Prediction:
+        """The row's prediction. ``alone``: a one-row request, which may skip the queue (below); the
+        rows of a larger request never do, so they batch together."""
         if self._stopped:
             raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
         if self._queue is None:
@@ -124,25 +130,30 @@ class Batcher:
         if self.depth >= self.max_queue:
             raise QueueFull(f"{self.depth} requests are queued; the limit is {self.max_queue}")
         row = _Row(image, text, asyncio.get_running_loop().create_future())
-        if self.direct and self._direct is None and not self._current and self._queue.empty():
-            # a lone row: nothing queued, collected or running, so no batch can form around it; it goes
-            # straight to the session (no collector hand-off, no max_delay wait). Rows arriving meanwhile
-            # queue and batch as usual behind it (the limiter orders the calls).
+        if alone and self.direct and self._direct is None and not self._current and self._queue.empty():
+            # a lone request: nothing queued, collected or running, so no batch can form around it; it
+            # goes straight to the session (no collector hand-off, no max_delay wait). Rows arriving
+            # meanwhile are held by the collector and batch once it is done. It runs as the batcher's
+            # own task, as a batch does: a caller that goes away stops waiting, not the session call,
+            # and the next batch starts only when that call has returned.
             self._direct = row
             self._direct_done.clear()
-            try:
-                await self._serve([row])
-            except Exception as exc:  # as in _loop: a bug here answers this row, it does not escape as a 500
-                log.error("batcher (direct): %s", type(exc).__name__, exc_info=exc)
-                if not row.future.done():
-                    row.future.set_exception(BatchFailed("inference failed for this row"))
-            finally:
-                self._direct = None
-                self._direct_done.set()
+            self._direct_task = asyncio.create_task(self._run_direct(row), name="batcher-direct")
             return await row.future
         self._queue.put_nowait(row)
         self.metrics.queue_depth.set(self._queue.qsize())
         return await row.future
+
+    async def _run_direct(self, row: _Row) -> None:
+        try:
+            await self._serve([row])
+        except Exception as exc:  # as in _loop: a bug here answers this row, it does not escape as a 500
+            log.error("batcher (direct): %s", type(exc).__name__, exc_info=exc)
+            if not row.future.done():
+                row.future.set_exception(BatchFailed("inference failed for this row"))
+        finally:
+            self._direct = None
+            self._direct_done.set()
 
     async def _collect(self) -> list[_Row]:
         assert self._queue is not None

@@ -13,6 +13,7 @@ gets). No web framework or gRPC is imported here.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,7 +119,7 @@ async def infer(pipeline: Pipeline, name: str | None, version: str | None, *,
                 read: Callable[[], Awaitable[Body]],
                 decode: Callable[[Body, ModelInfo], Awaitable[list[Row]]],
                 encode: Callable[[Sequence[Answer], ModelInfo], Reply],
-                state: Any = None, deadline_s: float | None = None) -> Reply:
+                state: Any = None, deadline: float | None = None) -> Reply:
     """One inference call, every transport's steps in one place; the transport supplies the four
     translations (``check`` its own parameters against the model, ``read`` its message, ``decode``
     wire -> rows, ``encode`` answers -> wire)::
@@ -128,8 +129,8 @@ async def infer(pipeline: Pipeline, name: str | None, version: str | None, *,
         check(model)                     the call's own parameters (outputs, top_k, ...)
         refuse if the row budget is spent  overloaded, before the message is read, and once more after
         read() -> decode(message, model) wire -> rows
-        pipeline.run(model, rows)        admission, decode, batches: one answer per row; within
-                                         ``deadline_s`` (a gRPC deadline) or timeout, the rows cancelled
+        pipeline.run(model, rows)        admission, decode, batches: one answer per row; by
+                                         ``deadline`` (time.monotonic(); a gRPC call's) or timeout, the rows cancelled
         encode(answers, model)           answers -> wire
     """
     with pipeline.lease(name, version) as loaded:
@@ -138,11 +139,12 @@ async def infer(pipeline: Pipeline, name: str | None, version: str | None, *,
         message = await read()  # waiting for the network holds no rows (only the version's lease)
         pipeline.refuse_if_full()  # still room? parsing is work on the event loop: not for a row that cannot run
         rows = await decode(message, loaded.info)
+        left = None if deadline is None else deadline - time.monotonic()  # what the lease and decoding left of it
         try:  # a deadline bounds the work: past it the rows are cancelled, not finished
-            async with asyncio.timeout(deadline_s):
+            async with asyncio.timeout(left):
                 answers = await pipeline.run(loaded, rows, state)
         except TimeoutError:
-            if deadline_s is None:
+            if deadline is None:
                 raise
-            raise Timeout(f"the call's deadline ({deadline_s:.3f} s) passed before the answer") from None
+            raise Timeout(f"the call's deadline passed before the answer ({left:.3f} s were left for inference)") from None
         return encode(answers, loaded.info)

@@ -237,7 +237,7 @@ class Pipeline:
             model.inflight += 1  # the adapter's lease holds it already; this one covers a direct caller
             try:
                 # one row (the common case) skips gather's task per row
-                answers = ([await self._row(model, rows[0], deadline)] if len(rows) == 1
+                answers = ([await self._row(model, rows[0], deadline, alone=True)] if len(rows) == 1
                            else list(await asyncio.gather(*(self._row(model, r, deadline) for r in rows))))
             finally:
                 self.repository.release(model)
@@ -251,11 +251,11 @@ class Pipeline:
             state.batch_size = max(sizes) if sizes else None
         return answers
 
-    async def _row(self, model: Loaded, row: Row, deadline: float) -> Answer:
+    async def _row(self, model: Loaded, row: Row, deadline: float, alone: bool = False) -> Answer:
         try:
             description = self._validate(row)
             prepared = await self._prepare(model.info, row, description, deadline)
-            return await self._submit(model.sink, prepared)
+            return await self._submit(model.sink, prepared, alone)
         except ServiceError as f:  # the one conversion: a code raised anywhere for this row becomes its answer
             _forget_frames(f)
             return RowError(f.code, f.message)
@@ -379,9 +379,9 @@ class Pipeline:
                 t.cancel()
 
     @staticmethod
-    async def _submit(sink: RowSink, prepared: Prepared) -> Prediction:
+    async def _submit(sink: RowSink, prepared: Prepared, alone: bool = False) -> Prediction:
         try:
-            return await sink.submit(prepared.image, prepared.text)
+            return await sink.submit(prepared.image, prepared.text, alone)
         except QueueFull as exc:
             raise ServiceError(str(exc), code="overloaded") from None
         except QueueTimeout as exc:

@@ -111,10 +111,17 @@ class InferenceService:
     # --- inference -------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         """``dataplane.infer`` with the protocol's message (already read: grpcio hands it over whole)."""
-        if len(request.parameters) > MAX_PARAMETERS:
-            raise BadRequest(f"more than {MAX_PARAMETERS} parameters")
-        min_confidence = parameter_min_confidence({k: _param(v) for k, v in request.parameters.items()}, self.pipeline)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
         names = [o.name for o in request.outputs] or list(dataplane.OUTPUT_NAMES)
+        params: dict[str, float] = {}
+
+        def check(info: ModelInfo) -> None:  # after the model is found, as REST's V2 checks them
+            if len(request.parameters) > MAX_PARAMETERS:
+                raise BadRequest(f"more than {MAX_PARAMETERS} parameters")
+            parameters = {k: _param(v) for k, v in request.parameters.items()}
+            params["min_confidence"] = parameter_min_confidence(parameters, self.pipeline)
+            dataplane.check_outputs(names)
 
         async def read() -> pb.ModelInferRequest:
             return request
@@ -127,7 +134,7 @@ class InferenceService:
                 if isinstance(a, RowError):  # the protocol answers a request whole: the first failing row speaks for it
                     raise a.exception(f"image[{i}]: ")
             preds = [a for a in answers if isinstance(a, Prediction)]
-            tensors = dataplane.output_tensors(preds, info, min_confidence, self.settings.ood_abstain)
+            tensors = dataplane.output_tensors(preds, info, params["min_confidence"], self.settings.ood_abstain)
             response = pb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
             for name in names:
                 datatype, shape, value = tensors[name]
@@ -136,8 +143,7 @@ class InferenceService:
             return response
 
         return await dataplane.infer(self.pipeline, request.model_name, request.model_version or None,
-                                     check=lambda info: dataplane.check_outputs(names), read=read, decode=decode,
-                                     encode=encode, deadline_s=context.time_remaining())
+                                     check=check, read=read, decode=decode, encode=encode, deadline=deadline)
 
     def _tensors(self, request: pb.ModelInferRequest) -> dict[str, tuple[list[Any], bool]]:
         raw = request.raw_input_contents

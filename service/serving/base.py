@@ -111,7 +111,8 @@ class RowSink(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None:
         """Answer every row held with ``Stopped``; rows submitted afterwards are refused the same way."""
-    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction: ...
+    async def submit(self, image: np.ndarray, text: EncodedText, alone: bool = False) -> Prediction:
+        """One row's prediction; ``alone``: the row is a whole request (no sibling rows follow it)."""
     @property
     def depth(self) -> int: ...
 

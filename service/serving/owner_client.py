@@ -186,7 +186,7 @@ class RemotePredictor:
         with self._lock:  # the reader and reconnect threads change _pending
             return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
 
-    async def submit(self, image: np.ndarray, text: EncodedText) -> Prediction:
+    async def submit(self, image: np.ndarray, text: EncodedText, alone: bool = False) -> Prediction:
         if self._stopped:
             raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
         loop = asyncio.get_running_loop()

@@ -115,14 +115,20 @@ def test_a_failing_row_fails_alone_and_rows_queued_behind_are_served(predictor: 
 
 
 def test_a_lone_row_skips_the_queue_and_rows_behind_it_batch(predictor: Predictor) -> None:
-    """A row that finds nothing queued or running goes straight to the engine (it would otherwise
-    wait max_delay_s for company, 1 s here); rows arriving meanwhile wait for it and then batch."""
+    """A one-row request that finds nothing queued or running goes straight to the engine (it would
+    otherwise wait max_delay_s for company, 1 s here); rows arriving meanwhile wait for it and then
+    batch; the rows of one larger request never split; a caller that goes away while its lone row
+    runs does not let the next batch start before that call has returned."""
     calls: list[int] = []
+    running: list[int] = [0, 0]  # now, most at once
     real, text = _run_real(predictor), predictor.encode(["tomato"])[0]
 
     def run(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
         calls.append(len(texts))
+        running[0] += 1
+        running[1] = max(running)
         time.sleep(0.3)
+        running[0] -= 1
         return real(images, texts)
 
     async def go() -> None:
@@ -130,19 +136,28 @@ def test_a_lone_row_skips_the_queue_and_rows_behind_it_batch(predictor: Predicto
         await b.start()
         img = np.zeros((32, 32, 3), np.uint8)
         t0 = time.perf_counter()
-        lone = asyncio.create_task(b.submit(img, text))
+        lone = asyncio.create_task(b.submit(img, text, alone=True))
         await asyncio.sleep(0.05)
-        behind = [asyncio.create_task(b.submit(img, text)) for _ in range(2)]
+        behind = [asyncio.create_task(b.submit(img, text, alone=True)) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):  # the row the collector holds behind the lone one still counts
             await b.submit(img, text)
         assert isinstance(await lone, Prediction)
         assert time.perf_counter() - t0 < 0.9, "the lone row waited for company"
         assert all(isinstance(r, Prediction) for r in await asyncio.gather(*behind))
+        # one request of three rows: none of them is alone, they run as one batch
+        b.max_queue = 8  # (three rows queue in one turn of the loop, before the collector wakes)
+        assert all(isinstance(r, Prediction) for r in await asyncio.gather(*(b.submit(img, text) for _ in range(3))))
+        # a lone row whose caller goes away: the next rows wait for its session call all the same
+        gone = asyncio.create_task(b.submit(img, text, alone=True))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        after = asyncio.create_task(b.submit(img, text, alone=True))
+        assert isinstance(await after, Prediction)
         await b.stop()
 
     asyncio.run(go())
-    assert calls == [1, 2]
+    assert calls == [1, 2, 3, 1, 1] and running[1] == 1, (calls, running)
 
 
 def _slow_run(predictor: Predictor, seconds: float = 0.3) -> Callable[[np.ndarray, list[EncodedText]], list[Prediction]]:
