@@ -324,7 +324,9 @@ def train(cfg: TrainConfig, index: DataIndex | None = None) -> dict[str, Any]:
             prog.phase, prog.stale = 2, 0
             run = Run(cfg, model, dd, 2)
             caches = {}
-            log.info("fine-tuning the backbone's last %d blocks at lr %g", cfg.finetune_blocks, cfg.finetune_lr)
+            log.info("fine-tuning the backbone's last %d blocks and the caption encoder's last %d layers at lr %g",
+                     cfg.finetune_blocks if model.backbone is not None else 0,
+                     cfg.finetune_text_layers if model.sentence_encoder is not None else 0, cfg.finetune_lr)
         if run.cached and not caches:
             fingerprint = data_fingerprint(spec)  # once per run, for both splits' keys
             caches = {s: feature_cache(model, cfg, spec, s, index, tok_json, dd, pretrained, fingerprint) for s in ("train", "val")}
@@ -412,7 +414,7 @@ class Run:
     """What trains in a phase: which parameters, the (DDP) module, the optimizer and its schedule."""
 
     def __init__(self, cfg: TrainConfig, model: FusedClassifier, dd: distributed.Dist, phase: int) -> None:
-        set_trainable(model, phase, cfg.finetune_blocks)
+        set_trainable(model, phase, cfg.finetune_blocks, cfg.finetune_text_layers)
         self.trained: torch.nn.Module = model
         if dd.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -434,12 +436,19 @@ class Run:
             self.sched.load_state_dict(resume["extra"]["scheduler"])
 
 
-def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int) -> None:
+def set_trainable(model: FusedClassifier, phase: int, finetune_blocks: int, finetune_text_layers: int = 0) -> None:
     """Phase 1 freezes a pretrained backbone whole; phase 2 unfreezes its last blocks and head convolution.
-    A pretrained caption encoder stays frozen in both."""
-    if model.sentence_encoder is not None:
-        for p in model.sentence_encoder.parameters():
+    A pretrained caption encoder is frozen in phase 1; phase 2 unfreezes its last ``finetune_text_layers``
+    transformer layers (its embeddings and the layers below stay as pretrained)."""
+    encoder = model.sentence_encoder
+    if encoder is not None:
+        for p in encoder.parameters():
             p.requires_grad = False
+        if phase == 2 and finetune_text_layers > 0:
+            layers = list(encoder.layers)  # type: ignore[arg-type]
+            for layer in layers[max(0, len(layers) - finetune_text_layers):]:
+                for p in layer.parameters():
+                    p.requires_grad = True
     backbone = model.backbone
     if backbone is None:
         return

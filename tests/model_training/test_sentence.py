@@ -155,3 +155,24 @@ def test_the_artifact_carries_the_encoder_with_parity_and_serves_the_same_tokens
     fp, i8 = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"], feed)[0]
               for path in (art / "model.onnx", int8))
     assert (fp.argmax(1) == i8.argmax(1)).mean() >= 11 / 12 and np.abs(fp - i8).max() < 0.1
+
+
+def test_phase_two_fine_tunes_only_the_caption_encoder_s_last_layers() -> None:
+    """--finetune-text-layers 1: frozen in phase 1; in phase 2 a step moves the encoder's last layer
+    and nothing below it (embeddings, first layers)."""
+    model = build_model(ModelConfig(mode="text", text_encoder="minilm", num_classes=3, hidden_dim=16))
+    enc = model.sentence_encoder
+    assert enc is not None
+    train.set_trainable(model, 1, 2, 1)
+    assert not any(p.requires_grad for p in enc.parameters())
+    train.set_trainable(model, 2, 2, 1)
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {str(len(enc.layers) - 1)}, trainable  # type: ignore[arg-type]
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.tensor([[101, 2000, 3000, 102], [101, 4000, 102, 0]])
+    logits, _ = model(None, ids)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    opt.step()
+    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(f"layers.{len(enc.layers) - 1}.") for n in moved), moved  # type: ignore[arg-type]
