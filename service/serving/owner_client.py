@@ -38,6 +38,7 @@ import struct
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,26 @@ log = logging.getLogger(__name__)
 
 class _ConnectionLost(Exception):
     """The owner closed the connection under a request (it stopped): worth one try on a fresh one."""
+
+
+Row = tuple[asyncio.Future[Prediction], int, EncodedText]  # (its caller's future, its slab slot, its tokens)
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection to the owner and everything that lives and dies with it: its socket, slab,
+    the owner's heartbeat, the free slots, the rows written but not sent yet and the rows in flight.
+    A reconnect makes a new one; nothing of an old one is reused, so an old connection's late
+    answers or losses can only touch its own rows (``closed`` once it has been dropped)."""
+
+    conn: Connection
+    slab: mmap.mmap
+    beat: mmap.mmap  # the owner's heartbeat, read-only
+    free: list[int]  # free slab slots
+    pending: dict[int, list[Row]] = field(default_factory=dict)  # request id -> its rows, sent, not answered
+    outbox: list[Row] = field(default_factory=list)  # rows of this loop turn, sent together at its end
+    flush_due: bool = False
+    closed: bool = False
 
 
 # --- the worker's side ---------------------------------------------------------------
@@ -93,17 +114,9 @@ class RemotePredictor:
         self.providers: list[str] = []
         self.error: str | None = None
         self.digest = ""
-        self._conn: Connection | None = None
-        self._slab: mmap.mmap | None = None
-        self._beat: mmap.mmap | None = None  # the owner's heartbeat, read-only
-        self._gen = 0  # connection generation: answers and losses of an old connection are ignored
-        self._free: list[int] = []  # free slab slots of the current connection
-        # request id -> (connection generation, its rows: (future, slot, tokens)); the outbox: rows of this loop turn
-        self._pending: dict[int, tuple[int, list[tuple[asyncio.Future[Prediction], int, EncodedText]]]] = {}
-        self._outbox: list[tuple[asyncio.Future[Prediction], int, EncodedText]] = []
-        self._flush_due = False
+        self._link: _Link | None = None  # the current connection (None: none; the reconnect thread makes one)
         self._next_id = 0
-        self._lock = threading.Lock()  # connection state, slots and pending rows (loop, reader, reconnect threads)
+        self._lock = threading.Lock()  # the links' state (loop, reader, reconnect threads)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slot_freed: asyncio.Event | None = None
         self._loaded = False
@@ -115,21 +128,22 @@ class RemotePredictor:
     # --- the Backend interface ---------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._loaded and self._conn is not None and self._beating()
+        return self._loaded and self._link is not None and self._beating()
 
     @property
     def state(self) -> str:
         if not self._loaded:
             return "loading"
-        if self._conn is None:
+        if self._link is None:
             return "owner_unavailable"
         return "ready" if self._beating() else "owner_not_answering"
 
     def _beating(self) -> bool:
         """The owner's heartbeat is fresh: it runs (a SIGSTOPped or wedged owner keeps its sockets open)."""
-        beat = self._beat
-        if beat is None:
+        link = self._link
+        if link is None:
             return False
+        beat = link.beat
         try:
             (at,) = BEAT.unpack_from(beat)
         except (ValueError, struct.error):
@@ -160,7 +174,9 @@ class RemotePredictor:
 
     def close(self) -> None:
         self._closed.set()
-        self._drop(self._gen)
+        link = self._link
+        if link is not None:
+            self._drop(link)
 
     # --- the batcher's interface: rows go straight to the owner -------------------------
     async def start(self) -> None:
@@ -171,20 +187,21 @@ class RemotePredictor:
         reason = "the model version was unloaded or the service is shutting down"
         with self._lock:
             self._stopped = True
-            pending, self._pending = list(self._pending.values()), {}
-            outbox, self._outbox = self._outbox, []
-        for _, rows in pending:
-            for fut, _, _ in rows:
-                _fail(fut, Stopped(reason))
-        for fut, _, _ in outbox:
+            link = self._link
+            held: list[Row] = []
+            if link is not None:  # (a dropped link's rows were failed when it was dropped)
+                held = [r for rows in link.pending.values() for r in rows] + link.outbox
+                link.pending, link.outbox = {}, []
+        for fut, _, _ in held:
             _fail(fut, Stopped(reason))
         if self._slot_freed is not None:
             self._slot_freed.set()  # rows waiting for a slot see the stop
 
     @property
     def depth(self) -> int:
-        with self._lock:  # the reader and reconnect threads change _pending
-            return sum(len(rows) for _, rows in self._pending.values()) + len(self._outbox)
+        with self._lock:  # the reader and reconnect threads change the link
+            link = self._link
+            return 0 if link is None else sum(len(rows) for rows in link.pending.values()) + len(link.outbox)
 
     async def submit(self, image: np.ndarray, text: EncodedText, alone: bool = False) -> Prediction:
         if self._stopped:
@@ -195,7 +212,7 @@ class RemotePredictor:
             return await self._send(image, text, deadline)
         except _ConnectionLost:  # the owner stopped under this row (a SIGHUP switch): once more, to its successor
             wait_until = loop.time() + self.RESEND_WAIT_S
-            while self._conn is None and loop.time() < wait_until:
+            while self._link is None and loop.time() < wait_until:
                 await asyncio.sleep(0.05)  # the reconnect thread connects to the successor
             try:
                 return await self._send(image, text, deadline)
@@ -203,77 +220,76 @@ class RemotePredictor:
                 raise Stopped("the model owner process closed the connection") from None
 
     async def _send(self, image: np.ndarray, text: EncodedText, deadline: float) -> Prediction:
-        if self._conn is None or not self._beating():
-            raise Stopped("the model owner process is not available (restarting?)" if self._conn is None else
+        if self._link is None or not self._beating():
+            raise Stopped("the model owner process is not available (restarting?)" if self._link is None else
                           f"the model owner process has not answered for over {HEARTBEAT_TIMEOUT_S:g} s")
         loop = asyncio.get_running_loop()
-        gen, slot = await self._take_slot(deadline)
+        link, slot = await self._take_slot(deadline)
         fut: asyncio.Future[Prediction] = loop.create_future()
         with self._lock:
-            slab = self._slab
             if self._stopped:
                 raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
-            if gen != self._gen or slab is None:
+            if link.closed:
                 raise _ConnectionLost
             row = image.nbytes
-            np.frombuffer(slab, np.uint8, row, slot * row)[:] = image.reshape(-1)
-            self._outbox.append((fut, slot, text))
-        if not self._flush_due:
+            np.frombuffer(link.slab, np.uint8, row, slot * row)[:] = image.reshape(-1)
+            link.outbox.append((fut, slot, text))
+        if not link.flush_due:
             # the rows submitted in this turn of the event loop travel in one message: framing, not a
             # batching policy (nothing waits for company; the owner's batch loop is the one batching)
-            self._flush_due = True
-            loop.call_soon(self._flush, gen)
+            link.flush_due = True
+            loop.call_soon(self._flush, link)
         try:
             return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
         except TimeoutError:  # a silent owner is not worth a second wait: drop, reconnect
-            self._drop(gen)
+            self._drop(link)
             raise Stopped("the model owner process stopped answering (TimeoutError)") from None
 
-    def _flush(self, gen: int) -> None:
-        self._flush_due = False
+    def _flush(self, link: _Link) -> None:
         with self._lock:
-            rows, self._outbox = self._outbox, []
+            link.flush_due = False
+            rows, link.outbox = link.outbox, []
             gone = [slot for fut, slot, _ in rows if fut.done()]  # callers that went away (cancelled, timed out)
-            if gone and gen == self._gen:
-                self._free.extend(gone)  # their slots go back: nothing will answer them
+            if gone and not link.closed:
+                link.free.extend(gone)  # their slots go back: nothing will answer them
         if gone:
             rows = [r for r in rows if not r[0].done()]
             if self._slot_freed is not None:
                 self._slot_freed.set()
         if rows:
-            self._post(gen, rows)
+            self._post(link, rows)
 
-    def _post(self, gen: int, rows: list[tuple[asyncio.Future[Prediction], int, EncodedText]]) -> None:
-        """One message for ``rows`` (slots written already); a lost connection fails them for a resend."""
+    def _post(self, link: _Link, rows: list[Row]) -> None:
+        """One message for ``rows`` (slots of ``link`` written already); a lost connection fails them for a resend."""
         assert self.text is not None
         with self._lock:
-            conn = self._conn
-            if gen != self._gen or conn is None:
-                conn = None
-            else:
+            open_ = not link.closed
+            if open_:
                 self._next_id += 1
                 rid = self._next_id
-                self._pending[rid] = (gen, rows)
-        if conn is None:
+                link.pending[rid] = rows
+        if not open_:
             for fut, _, _ in rows:
                 _fail(fut, _ConnectionLost())
             return
         try:
-            conn.send_bytes(wire.request(rid, self.text.pad([t for _, _, t in rows]), [s for _, s, _ in rows]))
+            link.conn.send_bytes(wire.request(rid, self.text.pad([t for _, _, t in rows]), [s for _, s, _ in rows]))
         except (OSError, ValueError):
-            self._lost(gen)
+            self._drop(link)
 
-    async def _take_slot(self, deadline: float) -> tuple[int, int]:
+    async def _take_slot(self, deadline: float) -> tuple[_Link, int]:
+        """A free slot of the current connection (whichever it is by the time one frees)."""
         loop = asyncio.get_running_loop()
         assert self._slot_freed is not None  # started
         while True:
             with self._lock:
                 if self._stopped:
                     raise Stopped("the model version was unloaded (replaced or stopped); send the request again")
-                if self._conn is None:
+                link = self._link
+                if link is None:
                     raise _ConnectionLost
-                if self._free:
-                    return self._gen, self._free.pop()
+                if link.free:
+                    return link, link.free.pop()
             self._slot_freed.clear()
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), max(0.0, deadline - loop.time()))
@@ -281,36 +297,35 @@ class RemotePredictor:
                 raise QueueTimeout(f"every one of the {self.slots} rows to the model owner is in flight") from None
 
     # --- answers (the reader thread hands them to the loop) -----------------------------
-    def _read_loop(self, conn: Connection, gen: int) -> None:
+    def _read_loop(self, link: _Link) -> None:
         while True:
             try:
-                data = conn.recv_bytes()
+                data = link.conn.recv_bytes()
             except (OSError, EOFError, ValueError):
                 loop = self._loop
                 if loop is None:
-                    self._lost(gen)
+                    self._drop(link)
                 else:  # after the answers already handed over, which must not be thrown away
-                    loop.call_soon_threadsafe(self._lost, gen)
+                    loop.call_soon_threadsafe(self._drop, link)
                 return
             loop = self._loop
             if loop is not None:
-                loop.call_soon_threadsafe(self._answer, gen, data)
+                loop.call_soon_threadsafe(self._answer, link, data)
 
-    def _answer(self, gen: int, data: bytes) -> None:
+    def _answer(self, link: _Link, data: bytes) -> None:
         rid, n, _, status, batch = HEAD.unpack_from(data)
         with self._lock:
-            entry = self._pending.pop(rid, None) if gen == self._gen else None
-        if entry is None:
+            rows = link.pending.pop(rid, None)  # None: a dropped link (its rows were failed for a resend)
+        if rows is None:
             return
-        _, rows = entry
         if status != 0 and len(rows) > 1:
             # row isolation: the rows of a failed message go again one by one, so only a failing row fails
             for r in rows:
-                self._post(gen, [r])
+                self._post(link, [r])
             return
         with self._lock:
-            if gen == self._gen:
-                self._free.extend(slot for _, slot, _ in rows)
+            if not link.closed:
+                link.free.extend(slot for _, slot, _ in rows)
         if self._slot_freed is not None:
             self._slot_freed.set()
         if status != 0:
@@ -321,7 +336,7 @@ class RemotePredictor:
                 raise ValueError
             probs, attn, ood = wire.read_reply(data, len(self.manifest.labels))
         except ValueError:
-            self._drop(gen)
+            self._drop(link)
             for fut, _, _ in rows:
                 _fail(fut, Stopped("the model owner's answer does not match the request (another model?)"))
             return
@@ -330,21 +345,17 @@ class RemotePredictor:
             if not fut.done():
                 fut.set_result(p)
 
-    def _lost(self, gen: int) -> None:
-        """The connection of generation ``gen`` ended: its rows in flight are sent once more (``submit``)."""
-        self._drop(gen)
-
     # --- the connection ----------------------------------------------------------------
     def _reconnect_loop(self) -> None:
         while not self._closed.wait(0.2):
-            if self._conn is None:
+            if self._link is None:
                 self._connect()
 
     def _connect(self) -> bool:
         assert self.manifest is not None
         side = self.manifest.image_size
         with self._lock:
-            if self._conn is not None:
+            if self._link is not None:
                 return True
         try:
             fd, path = tempfile.mkstemp(prefix=wire.SLAB_PREFIX, dir=shm_dir())
@@ -377,13 +388,11 @@ class RemotePredictor:
                 self._mismatch_logged = True
             conn.close()
             return False
+        link = _Link(conn, slab, beat, list(range(self.slots)))
         with self._lock:
-            self._gen += 1
-            gen = self._gen
-            self._conn, self._slab, self._beat, self.providers = conn, slab, beat, list(providers)
-            self._free = list(range(self.slots))
+            self._link, self.providers = link, list(providers)
             self._mismatch_logged = self._shm_logged = False
-        threading.Thread(target=self._read_loop, args=(conn, gen), daemon=True, name="owner-answers").start()
+        threading.Thread(target=self._read_loop, args=(link,), daemon=True, name="owner-answers").start()
         loop, freed = self._loop, self._slot_freed
         if loop is not None and freed is not None:
             loop.call_soon_threadsafe(freed.set)  # rows waiting for a slot see the new connection
@@ -406,25 +415,25 @@ class RemotePredictor:
         finally:
             os.close(fd)
 
-    def _drop(self, gen: int) -> None:
-        """Forget the connection of generation ``gen`` (a newer one is left alone) and fail its rows in
-        flight for a resend, whichever thread noticed first (the reader, a timed-out row, the loop):
-        a row of a closed connection is never left waiting for an answer that cannot come."""
-        conn = None
+    def _drop(self, link: _Link) -> None:
+        """Close ``link`` (once; if it is the current one, there is none until the reconnect thread makes
+        another) and fail its rows in flight for a resend, whichever thread noticed first (the reader, a
+        timed-out row, the loop): a row of a closed connection never waits for an answer that cannot
+        come. Rows still in its outbox are failed when it is flushed (``_post`` sees it closed)."""
         with self._lock:
-            orphans = [rid for rid, (g, _) in self._pending.items() if g == gen]
-            rows = [r for rid in orphans for r in self._pending.pop(rid)[1]]
-            if gen == self._gen and self._conn is not None:
-                conn, self._conn, self._slab, self._beat = self._conn, None, None, None
-                self._free = []
+            if link.closed:
+                return
+            link.closed = True
+            rows = [r for rs in link.pending.values() for r in rs]
+            link.pending, link.free = {}, []
+            if self._link is link:
+                self._link = None
         loop = self._loop
         if rows and loop is not None:
             for fut, _, _ in rows:
                 loop.call_soon_threadsafe(_fail, fut, _ConnectionLost())
-        if conn is None:
-            return
         with contextlib.suppress(OSError):
-            conn.close()
+            link.conn.close()
         log.warning("lost the model owner; reconnecting")
 
 
