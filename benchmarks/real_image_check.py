@@ -130,21 +130,9 @@ def write_faces(folder: Path, seed: int) -> Path:
 
 
 def _fit(x: Any, y: Any, l2: float, classes: int) -> tuple[Any, Any]:
-    import torch
+    from model_training.fusion import fit_logistic  # the probes' recipe, the one the fused model's refit uses
 
-    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
+    return fit_logistic(x, y, l2, classes)
 
 
 def _logreg(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, classes: int) -> tuple[object, float]:

@@ -95,10 +95,11 @@ def head_inputs(model: FusedClassifier, batches: Iterable[dict[str, Any]], devic
     return np.concatenate(targets)[:MAX_ROWS], [np.concatenate(f)[:MAX_ROWS] for f in feats]
 
 
-def _probe(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on standardised ``x`` by L-BFGS: weights [D, C], bias [C]."""
-    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on (standardised) ``x`` by L-BFGS, in ``x``'s dtype: weights
+    [D, C], bias [C]. The linear probes' recipe (``benchmarks/real_image_check.py`` uses it too)."""
+    w = torch.zeros(x.shape[1], classes, dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -124,7 +125,7 @@ def refit_head(layer: torch.nn.Linear, x: np.ndarray, y: np.ndarray, xv: np.ndar
     yt, yvt = torch.from_numpy(y), torch.from_numpy(yv)
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     for l2 in L2_GRID:
-        w, b = _probe(xt, yt, l2, classes)
+        w, b = fit_logistic(xt, yt, l2, classes)
         z = xvt @ w + b
         acc = float((z.argmax(1) == yvt).double().mean())
         if best is None or acc > best[0]:  # ties keep the smaller L2 (a loss tie-break chose 1.0: 0.639 vs 0.659)
