@@ -62,9 +62,8 @@ class TrainConfig:
     finetune_epochs: int = 0  # epochs of phase 2, from the best phase-1 weights; 0 = none
     finetune_blocks: int = 2  # backbone blocks, from the top, trained in phase 2 (with its head convolution)
     finetune_lr: float = 1e-4  # learning rate of phase 2
-    # the pretrained caption encoder's (--model.text-encoder minilm) last transformer layers trained in phase 2
-    # too, from the top; 0 = it stays frozen. Its cached sentence vectors are then recomputed every step
-    finetune_text_layers: int = 0
+    # (its sentence vectors are then computed every step, not read from the feature cache)
+    finetune_text_layers: int = 0  # MiniLM caption encoder layers, from the top, trained in phase 2; 0 = frozen
     feature_cache: bool = True  # frozen backbone, no augmentation: compute its features once, not every epoch
     model: ModelConfig = field(default_factory=ModelConfig)
 

