@@ -30,11 +30,12 @@ import httpx
 from benchmarks.bench import CAPTIONS, make_jpegs, multipart
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "exported_models" / "default"
+MODEL = ROOT / "exported_models" / "default"  # --model-dir
 
 
-def _serve(cmd: list[str], cwd: Path, port: int, bodies: str, extra: dict[str, str]) -> dict[int, dict[str, Any]]:
-    env = {**os.environ, "CLASSIFIER_PROVIDER": "cpu", "CLASSIFIER_LOG_LEVEL": "warning", "CLASSIFIER_MODEL_DIR": str(MODEL),
+def _serve(cmd: list[str], cwd: Path, port: int, bodies: str, extra: dict[str, str], model: Path = MODEL
+           ) -> dict[int, dict[str, Any]]:
+    env = {**os.environ, "CLASSIFIER_PROVIDER": "cpu", "CLASSIFIER_LOG_LEVEL": "warning", "CLASSIFIER_MODEL_DIR": str(model),
            **extra}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -66,8 +67,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for both services (e.g. CLASSIFIER_TOPOLOGY=owner); repeatable")
     p.add_argument("--no-plain", action="store_true", help="leave the plain baseline out of the rounds")
+    p.add_argument("--model-dir", default=str(MODEL), help="the artifact every server serves")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    model = Path(a.model_dir).resolve()
     extra = dict(e.split("=", 1) for e in a.env)
     jpegs = make_jpegs(640, 480, 32, seed=640)
     bodies = str(Path(tempfile.mkdtemp(prefix="ab-")) / "bodies.pkl")
@@ -79,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind in [k for k in (("a", "b", "plain") if rnd % 2 == 0 else ("b", "a", "plain")) if k in runs]:
             port += 1
             if kind == "plain":
-                cmd, cwd = [sys.executable, "-m", "benchmarks.bench_plain", "--port", str(port), "--model-dir", str(MODEL)], ROOT
+                cmd, cwd = [sys.executable, "-m", "benchmarks.bench_plain", "--port", str(port), "--model-dir", str(model)], ROOT
             else:
                 cmd, cwd = [sys.executable, "-m", "service", "--port", str(port), "--host", "127.0.0.1"], Path(getattr(a, f"tree_{kind}"))
-            out = _serve(cmd, cwd, port, bodies, {} if kind == "plain" else extra)
+            out = _serve(cmd, cwd, port, bodies, {} if kind == "plain" else extra, model)
             row = {"c1_p50_ms": out[1]["p50_ms"], "c1_rps": out[1]["requests_per_s"], "c32_rps": out[32]["requests_per_s"]}
             runs[kind].append(row)
             print(rnd, kind, {k: round(v, 2) for k, v in row.items()}, flush=True)  # noqa: T201

@@ -289,6 +289,8 @@ class RequestContextMiddleware:
         elapsed = time.perf_counter() - start
         self.metrics.requests.labels(template, method, str(ex.status)).inc()
         self.metrics.request_latency.labels(template).observe(elapsed)
+        if not log.isEnabledFor(logging.INFO):  # no access log: skip gathering its fields (a few µs)
+            return
         state = scope.get("state", {})
         log.info("%s %s %s", method, template, ex.status, extra={
             "request_id": ex.request_id, "method": method, "route": template, "status": ex.status,

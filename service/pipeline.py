@@ -42,6 +42,7 @@ from .batcher import Batcher, BatchFailed, QueueFull, QueueTimeout, Stopped
 from .codes import InvalidField, Overloaded, ServiceError
 from .metrics import Metrics
 from .serving.base import Backend, BatchBackend, ModelInfo, Prediction, RowSink, WorkerContext
+from .serving.board import Siblings
 from .serving.repository import Candidate, Loaded, Repository
 from .settings import Settings
 
@@ -102,19 +103,22 @@ class Admission:
     work piles up before the queue, and the excess is refused at once.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, siblings: Siblings | None = None) -> None:
         self.limit = limit
         self.count = 0  # touched only on the event loop
+        self.siblings = siblings or Siblings()  # the other workers read this count (serving/board.py)
 
     @contextmanager
     def admit(self, n: int) -> Iterator[None]:
         if self.count + n > self.limit:
             raise Overloaded(f"{self.count} rows are in progress; {n} more would pass the limit of {self.limit}")
         self.count += n
+        self.siblings.set(self.count)
         try:
             yield
         finally:
             self.count -= n
+            self.siblings.set(self.count)
 
 
 class Pipeline:
@@ -136,7 +140,8 @@ class Pipeline:
         # a plain executor: cheaper per row than anyio's thread hop, and its size bounds the decodes
         self.decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.inline_decode_bytes = settings.inline_decode_bytes
-        self.admission = Admission(settings.max_queue)
+        self.siblings = Siblings(self.context.board, self.context.slot)
+        self.admission = Admission(settings.max_queue, self.siblings)
         self.overrunning = 0  # decode threads past their time budget, still running
         self._overrun_lock = threading.Lock()
         # one backend call at a time in this worker, whichever model: each already uses intra_op_threads cores
@@ -155,7 +160,8 @@ class Pipeline:
             return RemotePredictor(self.settings, self.context.owner_address, c.directory, name, version)
         from .serving.session import Predictor
 
-        return Predictor(self.settings, c.directory, name, version)
+        # a lone session only where the other workers' load can be seen (python -m service's board)
+        return Predictor(self.settings, c.directory, name, version, lone=self.context.board is not None)
 
     def _sink(self, backend: Backend, info: ModelInfo) -> RowSink:
         """A batcher before a session; the owner client takes rows as they come (the owner batches them)."""
@@ -168,9 +174,18 @@ class Pipeline:
             with latency.time():
                 return engine.predict(images, texts)
 
+        def infer_lone(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction] | None:
+            # a lone request, on the event loop, with every core (the lone session, kept only for a
+            # model whose call is short: the loop waits for it): only while no other worker is
+            # working, as their cores idle; under any load the workers keep their share of the cores
+            if engine.lone_seconds is None or self.admission.count != 1 or not self.siblings.idle():
+                return None  # (admission: the row is the only one in this worker, none still decoding)
+            with latency.time():
+                return engine.predict(images, texts, lone=True)
+
         s = self.settings
         return Batcher(infer, self.metrics, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
-                       s.request_timeout_ms / 1000, self.limiter)
+                       s.request_timeout_ms / 1000, self.limiter, run_lone=infer_lone)
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self, load_model: bool = True) -> None:

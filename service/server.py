@@ -34,7 +34,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -48,6 +48,7 @@ from classifier_core.artifact import ArtifactError
 from .logs import log_config
 from .protocol import guarded_protocol
 from .serving.base import Backend, ProviderError, WorkerContext
+from .serving.board import SLOTS, make_board
 from .serving.session import Predictor
 from .settings import Settings
 
@@ -200,6 +201,7 @@ class Worker:
     ready: Connection
     retiring: bool = False  # told to stop on purpose (SIGHUP, SIGTTOU): not replaced
     started: float = 0.0
+    slot: int = -1  # its place on the busy board (serving/board.py); -1: none
 
 
 class Supervisor:
@@ -221,6 +223,10 @@ class Supervisor:
         self.listen = listen
         self.target = workers
         self.ctx = multiprocessing.get_context("spawn")
+        # which workers have requests in flight, for the lone-request session (serving/board.py);
+        # the owner topology's workers hold no session
+        self.board = None if owner else make_board()
+        self.free_slots = list(range(SLOTS)) if self.board is not None else []
         self.workers: list[Worker] = []
         self.shared: socket.socket | None = None
         self.stopping_since: float | None = None
@@ -301,11 +307,13 @@ class Supervisor:
     # --- workers ---------------------------------------------------------------------
     def _spawn(self) -> Worker:
         r, w = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=_worker_main, args=(self.settings, self.listen, self.shared, w, self.context),
+        slot = self.free_slots.pop(0) if self.free_slots else -1
+        context = self.context if self.board is None else replace(self.context, board=self.board, slot=slot)
+        process = self.ctx.Process(target=_worker_main, args=(self.settings, self.listen, self.shared, w, context),
                                    name="classifier-worker", daemon=False)
         process.start()
         w.close()
-        worker = Worker(process, r, started=time.monotonic())
+        worker = Worker(process, r, started=time.monotonic(), slot=slot)
         self.workers.append(worker)
         return worker
 
@@ -394,6 +402,9 @@ class Supervisor:
                 continue
             self.workers.remove(wk)
             wk.ready.close()
+            if self.board is not None and wk.slot >= 0:  # a dead worker's rows are no longer in flight
+                self.board[wk.slot] = 0
+                self.free_slots.append(wk.slot)
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and wk.process.pid is not None:
                 # its live gauges (queue depth) leave the sums; its counters stay, as they happened
                 multiprocess.mark_process_dead(wk.process.pid)  # type: ignore[no-untyped-call]

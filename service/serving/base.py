@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,11 +23,14 @@ class WorkerContext:
 
     ``owner_address``: the model owner's Unix socket (the owner topology); None: the worker holds
     its own sessions. ``control_dir``: where the workers' repositories agree on explicit loads and
-    unloads (several workers); None: this process alone.
+    unloads (several workers); None: this process alone. ``board`` and ``slot``: the shared record
+    of which workers have requests in flight, and this worker's place on it (serving/board.py).
     """
 
     owner_address: str | None = None
     control_dir: str | None = None
+    board: Any = None
+    slot: int = -1
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,13 @@ class Backend(Protocol):
 
 class BatchBackend(Backend, Protocol):
     """A backend that runs whole batches (the in-process session): the pipeline puts a Batcher before it.
-    ``predict`` is called from the batcher's thread, one batch at a time."""
+    ``predict`` is called from the batcher's thread, one batch at a time; ``lone``: the batch is one
+    request's row and no other worker is working, so it may use every core (Predictor's lone session,
+    called on the event loop)."""
 
-    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]: ...
+    lone_seconds: float | None  # the lone session's warm call at one row; None: it has none
+
+    def predict(self, images: np.ndarray, encoded: list[EncodedText], lone: bool = False) -> list[Prediction]: ...
 
 
 class RowSink(Protocol):

@@ -21,6 +21,10 @@ from classifier_core.text import EncodedText, TextEncoder
 from ..settings import Settings
 from .base import ModelInfo, Prediction, ProviderError, predictions, resident_bytes
 
+# a lone request's model call runs on the event loop (the pipeline's): requests arriving meanwhile
+# wait that long to be read. A model slower than this at one row keeps no lone session (nor its memory)
+LONE_MAX_S = 0.02
+
 log = logging.getLogger(__name__)
 
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32"}
@@ -35,16 +39,22 @@ def gpu_present() -> bool:
 class Predictor:
     """One artifact folder on one onnxruntime session (``model_dir``; default: the settings').
 
-    ``name`` and ``version``: what clients address it as (default: the manifest's)."""
+    ``name`` and ``version``: what clients address it as (default: the manifest's). ``lone``: it may
+    hold a lone session (a worker of ``python -m service``, which sees on the board whether the other
+    workers are busy; never a process that cannot)."""
 
     def __init__(self, settings: Settings, model_dir: Path | None = None, name: str | None = None,
-                 version: str | None = None) -> None:
+                 version: str | None = None, lone: bool = False) -> None:
         self.settings = settings
+        self.lone = lone
         self.model_dir = Path(model_dir or settings.model_dir)
         self.name, self.version = name, version
         self.manifest: Manifest | None = None
         self.text: TextEncoder | None = None
         self.session: ort.InferenceSession | None = None
+        # the same graph with every core, for a lone request while the other workers idle (lone_threads)
+        self.lone_session: ort.InferenceSession | None = None
+        self.lone_seconds: float | None = None  # its warm call at one row (at most LONE_MAX_S, or no lone session)
         self.providers: list[str] = []
         self.state = "not_loaded"  # not_loaded -> loading -> ready | failed
         self.error: str | None = None
@@ -56,17 +66,37 @@ class Predictor:
         return self.state == "ready"
 
     # --- loading -------------------------------------------------------------------
-    def _session_options(self) -> ort.SessionOptions:
+    def _session_options(self, lone: bool = False) -> ort.SessionOptions:
+        settings = self.settings.resolved(processes=1)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = self.settings.resolved(processes=1).intra_op_threads
+        so.intra_op_num_threads = settings.lone_threads if lone else settings.intra_op_threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         # onnxruntime's workers spin after each op by default; on a small CPU that spinning
-        # takes the cores the image decoders need (measured with benchmarks/bench.py)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.settings.ort_spinning else "0")
+        # takes the cores the image decoders need (measured with benchmarks/bench.py). The lone
+        # session spins within its call only: waking a sleeping thread for each of a small graph's
+        # ops costs more than the second core gives (c=1 unchanged without spinning)
+        spin = lone or self.settings.ort_spinning
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if lone:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return so
+
+    def _lone_session(self, model_path: Path, sess: Any) -> ort.InferenceSession | None:
+        """A second onnxruntime CPU session with lone_threads threads, when that is more than the
+        main session has (several workers share the cores); None otherwise (GPU, OpenVINO, off, or it
+        cannot be made: the model serves all the same)."""
+        settings = self.settings.resolved(processes=1)
+        if (not self.lone or settings.lone_threads <= settings.intra_op_threads or not isinstance(sess, ort.InferenceSession)
+                or sess.get_providers()[0] != "CPUExecutionProvider"):
+            return None
+        try:
+            return ort.InferenceSession(str(model_path), self._session_options(lone=True), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # memory, an option this onnxruntime refuses: a speed-up lost, not the model
+            log.warning("no lone session for %s (%s: %s)", model_path, type(exc).__name__, str(exc)[:200])
+            return None
 
     def _provider_list(self, kind: str) -> list[Any]:
         dev = {"device_id": self.settings.device_id}
@@ -196,6 +226,7 @@ class Predictor:
             self._check_io(sess, manifest, model_path)
             self.manifest, self.text, self.session = manifest, text, sess
             self.providers = sess.get_providers()
+            self.lone_session = self._lone_session(model_path, sess)
             width = self._warm_up()
             if width != len(manifest.labels):
                 raise ArtifactError(
@@ -206,8 +237,9 @@ class Predictor:
             raise
         self.state = "ready"
         seconds, rss1 = time.perf_counter() - t0, resident_bytes()
-        log.info("model %s %s loaded in %.2fs; provider in use: %s", manifest.name, manifest.version,
-                 seconds, self.providers[0])
+        log.info("model %s %s loaded in %.2fs; provider in use: %s%s", manifest.name, manifest.version,
+                 seconds, self.providers[0], f"; lone requests on {self.lone_session.get_session_options().intra_op_num_threads}"
+                 " threads" if self.lone_session is not None else "")
         self.loaded = ModelInfo(self.name or manifest.name, self.version or manifest.version, manifest, text, model_dir,
                                 tuple(self.providers), None if rss0 is None or rss1 is None else max(0, rss1 - rss0),
                                 round(seconds, 3))
@@ -237,23 +269,43 @@ class Predictor:
                 probs = self.session.run([PROBABILITIES], contract.feeds(np.zeros((batch, size, size, 3), np.uint8),
                                                                          np.full((batch, length), 2, np.int64)))[0]
                 width = probs.shape[1]
+        if self.lone_session is not None:
+            self._time_lone(contract.feeds(np.zeros((1, size, size, 3), np.uint8), np.full((1, lengths[-1]), 2, np.int64)))
         return width
+
+    def _time_lone(self, feed: dict[str, np.ndarray]) -> None:
+        """The lone session stays only if one row (the longest caption) runs within LONE_MAX_S on it:
+        its call holds the event loop. The best of five, so a busy moment at load (the other workers
+        warming up at the same time) does not decide it."""
+        assert self.lone_session is not None
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            self.lone_session.run([PROBABILITIES], feed)
+            times.append(time.perf_counter() - t0)
+        if min(times) <= LONE_MAX_S:
+            self.lone_seconds = min(times)
+            return
+        log.info("no lone session: one row takes %.1f ms on it (more than %.0f ms)", min(times) * 1000, LONE_MAX_S * 1000)
+        self.lone_session = None
 
     # --- inference -----------------------------------------------------------------
     def encode(self, descriptions: list[str]) -> list[EncodedText]:
         assert self.text is not None
         return self.text.encode_batch(descriptions)
 
-    def predict(self, images: np.ndarray, encoded: list[EncodedText]) -> list[Prediction]:
-        """images uint8 [N, S, S, 3]; one Prediction per row, in order."""
+    def predict(self, images: np.ndarray, encoded: list[EncodedText], lone: bool = False) -> list[Prediction]:
+        """images uint8 [N, S, S, 3]; one Prediction per row, in order. ``lone``: on the lone session
+        (every core), where there is one."""
         assert self.text is not None
-        probs, attn, ood = self.run_arrays(images, self.text.pad(encoded))
+        probs, attn, ood = self.run_arrays(images, self.text.pad(encoded), lone=lone)
         return predictions(probs, attn, ood, encoded)
 
-    def run_arrays(self, images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run_arrays(self, images: np.ndarray, ids: np.ndarray, lone: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The session on arrays: uint8 [N, S, S, 3] and right-padded int64 [N, L]; (calibrated
         probabilities, attention [N, L], OOD score over its threshold [N]: NaN without one)."""
         assert self.session is not None and self.text is not None and self.manifest is not None
+        session = self.lone_session if lone and self.lone_session is not None else self.session
         step = self.settings.max_batch_size
         probs_out, attn_out, ood_out = [], [], []
         names = contract.output_names(self.manifest)
@@ -267,7 +319,7 @@ class Predictor:
                 if bucket > n:  # zero rows fill the bucket; their outputs are dropped
                     imgs = np.concatenate([imgs, np.zeros((bucket - n, *imgs.shape[1:]), imgs.dtype)])
                 batch_ids = full
-            out = contract.postprocess({k: v[:n] for k, v in zip(names, self.session.run(names, contract.feeds(imgs, batch_ids)),
+            out = contract.postprocess({k: v[:n] for k, v in zip(names, session.run(names, contract.feeds(imgs, batch_ids)),
                                                                   strict=True)}, self.manifest)
             assert out.attention is not None
             probs_out.append(out.probabilities)
@@ -277,6 +329,6 @@ class Predictor:
 
     def close(self) -> None:
         """Drop the session: an unloaded version's memory goes back (the batcher has stopped calling it)."""
-        self.session, self.loaded = None, None
+        self.session, self.lone_session, self.lone_seconds, self.loaded = None, None, None, None
         self.state = "not_loaded"
 

@@ -233,3 +233,48 @@ def test_gpu_shape_buckets_give_the_same_answers(tiny_artifact: Path, monkeypatc
     for a, b in zip(exact, bucketed):
         assert np.allclose(a.probabilities, b.probabilities, atol=1e-6)
         assert np.allclose(a.attention, b.attention, atol=1e-6) and a.tokens == b.tokens
+
+
+def test_a_lone_row_is_offered_to_run_lone_first_and_only_when_nothing_runs(predictor: Predictor) -> None:
+    """``run_lone`` answers a lone row on the event loop, or declines (None) and the row takes the
+    direct path; it is not offered a row while a backend call holds the worker's limiter; when it
+    raises, that row alone gets BatchFailed."""
+    real, text = _run_real(predictor), predictor.encode(["tomato"])[0]
+    img = np.full((32, 32, 3), 40, np.uint8)
+    expected = real(img[None], [text])[0]
+    offered: list[int] = []
+    batches: list[int] = []
+    mode = ["accept"]
+
+    def lone(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction] | None:
+        offered.append(len(texts))
+        if mode[0] == "raise":
+            raise RuntimeError("device lost")
+        return real(images, texts) if mode[0] == "accept" else None
+
+    def run(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction]:
+        batches.append(len(texts))
+        return real(images, texts)
+
+    async def go() -> None:
+        b = Batcher(run, Metrics(), max_batch_size=8, max_delay_s=0.01, run_lone=lone)
+        await b.start()
+        got = await b.submit(img, text, alone=True)
+        assert np.allclose(got.probabilities, expected.probabilities, atol=1e-6) and got.batch_size == 1
+        assert (offered, batches) == ([1], [])  # answered on the loop: no batch ran
+        mode[0] = "decline"
+        assert isinstance(await b.submit(img, text, alone=True), Prediction)
+        assert (offered, batches) == ([1, 1], [1])  # declined: the direct path ran it
+        async with b.limiter:  # another model's call holds the worker: not offered, it waits its turn
+            waiting = asyncio.create_task(b.submit(img, text, alone=True))
+            await asyncio.sleep(0.05)
+            assert not waiting.done() and offered == [1, 1]
+        assert isinstance(await waiting, Prediction)
+        mode[0] = "raise"
+        with pytest.raises(BatchFailed):
+            await b.submit(img, text, alone=True)
+        mode[0] = "accept"
+        assert isinstance(await b.submit(img, text, alone=True), Prediction)  # the batcher goes on
+        await b.stop()
+
+    asyncio.run(go())

@@ -25,12 +25,13 @@ def test_automatic_values_are_resolved_once_for_the_machine() -> None:
     cores = os.cpu_count() or 1
     r = Settings(workers=0, intra_op_threads=0, decode_threads=0, owner_threads=0, inline_decode_bytes=-1).resolved()
     assert (r.workers, r.decode_threads, r.owner_threads) == (cores, cores, cores)
-    assert r.intra_op_threads == max(1, cores // cores)
+    assert r.intra_op_threads == max(1, cores // cores) and r.lone_threads == cores
     assert r.inline_decode_bytes in (0, 128 * 1024) and r.is_resolved
     one = Settings().resolved(processes=1)  # one process (an embedded app, a test client): it gets every core
     assert one.workers == 1 and one.intra_op_threads == cores
-    kept = Settings(workers=3, intra_op_threads=5, decode_threads=7, inline_decode_bytes=99).resolved()
-    assert (kept.workers, kept.intra_op_threads, kept.decode_threads, kept.inline_decode_bytes) == (3, 5, 7, 99)
+    kept = Settings(workers=3, intra_op_threads=5, decode_threads=7, inline_decode_bytes=99, lone_threads=1).resolved()
+    assert (kept.workers, kept.intra_op_threads, kept.decode_threads, kept.inline_decode_bytes, kept.lone_threads) == \
+        (3, 5, 7, 99, 1)
     assert kept.resolved() == kept  # idempotent
     with pytest.raises(ValueError):
         Settings(workers=-1)
