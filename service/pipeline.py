@@ -175,11 +175,13 @@ class Pipeline:
                 return engine.predict(images, texts)
 
         def infer_lone(images: np.ndarray, texts: list[EncodedText]) -> list[Prediction] | None:
-            # a lone request, on the event loop, with every core (the lone session, kept only for a
-            # model whose call is short: the loop waits for it): only while no other worker is
-            # working, as their cores idle; under any load the workers keep their share of the cores
+            # a lone request (the only row in this worker, none still decoding, and no other worker
+            # working) runs on the event loop, for a model whose call is short (the loop waits for
+            # it), with every core (the lone session, where there is one). The other workers' load
+            # matters twice: their cores are idle, and under load rows must meet in batches, which
+            # a loop busy with one row at a time would never let them do
             if engine.lone_seconds is None or self.admission.count != 1 or not self.siblings.idle():
-                return None  # (admission: the row is the only one in this worker, none still decoding)
+                return None
             with latency.time():
                 return engine.predict(images, texts, lone=True)
 

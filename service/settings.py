@@ -49,11 +49,12 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0, description='onnxruntime threads per inference; 0 = cores / workers')
     ort_spinning: bool = Field(default=False, description="let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)")
     lone_threads: int = Field(default=0, ge=0, description=(
-        'onnxruntime threads for a lone request: one row, with nothing else queued or running in its worker and no '
-        'other worker busy, when the other cores would idle. Above intra_op_threads, each worker (onnxruntime on the '
-        'CPU, started by python -m service) holds a second session of each loaded model version with this many threads,'
-        " spinning only during its call: the model's memory twice. 0 = auto: the machine's cores, at most 4; a value "
-        'not above intra_op_threads = off. Measured: docs/performance.md'))
+        'onnxruntime threads for a lone request: one row, with nothing else in its worker and no other worker busy, '
+        'run on the event loop (workers of python -m service, a model under 20 ms at one row). Above intra_op_threads, '
+        'each worker (onnxruntime on the CPU) holds a second session of each loaded model version with this many '
+        "threads, spinning only during its call: the model's memory twice. 0 = auto: the machine's cores, at most 4; a"
+        " value not above intra_op_threads: no second session, lone requests on the worker's own threads. Measured: "
+        'docs/performance.md'))
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, description='one image file; the request body may add 64 KiB of form overhead')
     max_image_pixels: int = Field(default=40_000_000, description='width x height from the header, checked before decoding')
     max_description_chars: int = Field(default=2000, description=(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ class WorkerContext:
 
     owner_address: str | None = None
     control_dir: str | None = None
-    board: Any = None
+    board: Any = field(default=None, compare=False)  # shared memory: not a value to compare or hash
     slot: int = -1
 
 
@@ -106,7 +106,7 @@ class BatchBackend(Backend, Protocol):
     request's row and no other worker is working, so it may use every core (Predictor's lone session,
     called on the event loop)."""
 
-    lone_seconds: float | None  # the lone session's warm call at one row; None: it has none
+    lone_seconds: float | None  # one row's warm call; None: lone rows do not run on the event loop
 
     def predict(self, images: np.ndarray, encoded: list[EncodedText], lone: bool = False) -> list[Prediction]: ...
 

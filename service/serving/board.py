@@ -49,4 +49,4 @@ class Siblings:
             return True
         if not self.known:
             return False
-        return not any(v for i, v in enumerate(self.board[:]) if i != self.slot)
+        return sum(self.board[:]) == self.board[self.slot]  # counts are never negative: a sum in C, ~2 µs

@@ -22,7 +22,8 @@ from ..settings import Settings
 from .base import ModelInfo, Prediction, ProviderError, predictions, resident_bytes
 
 # a lone request's model call runs on the event loop (the pipeline's): requests arriving meanwhile
-# wait that long to be read. A model slower than this at one row keeps no lone session (nor its memory)
+# wait that long to be read. A model slower than this at one row takes the batcher's thread, and
+# keeps no lone session (nor its memory)
 LONE_MAX_S = 0.02
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Predictor:
         self.session: ort.InferenceSession | None = None
         # the same graph with every core, for a lone request while the other workers idle (lone_threads)
         self.lone_session: ort.InferenceSession | None = None
-        self.lone_seconds: float | None = None  # its warm call at one row (at most LONE_MAX_S, or no lone session)
+        # one row's warm call on the main session: at most LONE_MAX_S; None: lone rows stay off the event loop
+        self.lone_seconds: float | None = None
         self.providers: list[str] = []
         self.state = "not_loaded"  # not_loaded -> loading -> ready | failed
         self.error: str | None = None
@@ -269,24 +271,26 @@ class Predictor:
                 probs = self.session.run([PROBABILITIES], contract.feeds(np.zeros((batch, size, size, 3), np.uint8),
                                                                          np.full((batch, length), 2, np.int64)))[0]
                 width = probs.shape[1]
-        if self.lone_session is not None:
+        if self.lone:
             self._time_lone(contract.feeds(np.zeros((1, size, size, 3), np.uint8), np.full((1, lengths[-1]), 2, np.int64)))
         return width
 
     def _time_lone(self, feed: dict[str, np.ndarray]) -> None:
-        """The lone session stays only if one row (the longest caption) runs within LONE_MAX_S on it:
-        its call holds the event loop. The best of five, so a busy moment at load (the other workers
-        warming up at the same time) does not decide it."""
-        assert self.lone_session is not None
+        """Lone rows run on the event loop only if one row (the longest caption) runs within LONE_MAX_S
+        on the main session (its own threads): the call holds the loop. The best of five, so a busy
+        moment at load (the other workers warming up at the same time) does not decide it."""
+        assert self.session is not None
+        if self.lone_session is not None:
+            self.lone_session.run([PROBABILITIES], feed)  # its warm-up: it only ever runs one row
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            self.lone_session.run([PROBABILITIES], feed)
+            self.session.run([PROBABILITIES], feed)
             times.append(time.perf_counter() - t0)
         if min(times) <= LONE_MAX_S:
             self.lone_seconds = min(times)
             return
-        log.info("no lone session: one row takes %.1f ms on it (more than %.0f ms)", min(times) * 1000, LONE_MAX_S * 1000)
+        log.info("lone rows off the event loop: one row takes %.1f ms (more than %.0f ms)", min(times) * 1000, LONE_MAX_S * 1000)
         self.lone_session = None
 
     # --- inference -----------------------------------------------------------------
@@ -296,7 +300,7 @@ class Predictor:
 
     def predict(self, images: np.ndarray, encoded: list[EncodedText], lone: bool = False) -> list[Prediction]:
         """images uint8 [N, S, S, 3]; one Prediction per row, in order. ``lone``: on the lone session
-        (every core), where there is one."""
+        (every core: the other workers idle), where there is one."""
         assert self.text is not None
         probs, attn, ood = self.run_arrays(images, self.text.pad(encoded), lone=lone)
         return predictions(probs, attn, ood, encoded)

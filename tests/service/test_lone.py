@@ -47,11 +47,11 @@ def test_the_lone_session_has_every_core_and_answers_as_the_main_one(tiny_artifa
     main, lone = two.predict(images, text)[0], two.predict(images, text, lone=True)[0]
     assert np.allclose(main.probabilities, lone.probabilities, atol=1e-5) and main.tokens == lone.tokens
     off = Predictor(Settings(model_dir=tiny_artifact, provider="cpu", intra_op_threads=2, lone_threads=2), lone=True)  # type: ignore[call-arg]
-    off.load()  # no more threads than the main session: no second session
-    assert off.lone_session is None and off.lone_seconds is None
-    blind = Predictor(settings)  # a process that cannot see the other workers: none either
+    off.load()  # no more threads than the main session: no second session; lone rows on its own threads
+    assert off.lone_session is None and off.lone_seconds is not None
+    blind = Predictor(settings)  # a process that cannot see the other workers: neither
     blind.load()
-    assert blind.lone_session is None
+    assert blind.lone_session is None and blind.lone_seconds is None
     monkeypatch.setattr(session, "LONE_MAX_S", 0.0)  # a model too slow to hold the event loop: none
     slow = Predictor(settings, lone=True)
     slow.load()
