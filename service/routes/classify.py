@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..deps import Explain, MinConfidence, ModelName, ModelVersion, PipelineDep, TopK
+from ..deps import INFER_QUERY_OPENAPI, read_query
 from ..errors import BadRequest, InvalidField, ServiceError, truncate
 from ..pipeline import Answer, Pipeline, Row, RowError
 from ..schemas import BatchRequest, BatchResponse, ClassifyResponse, error_responses
@@ -135,12 +135,13 @@ class FormCodec:
                                    self.pipeline.min_confidence(self.min_confidence), self.pipeline.settings.ood_abstain))
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_FORM_SCHEMA, response_model_exclude_none=True,
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra={**INFER_QUERY_OPENAPI, **CLASSIFY_FORM_SCHEMA},
+             response_model_exclude_none=True,
              summary="Classify one image with its description",
              responses=error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504))
-async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
-                   min_confidence: MinConfidence = None, model: ModelName = None, version: ModelVersion = None) -> Any:
-    return await handle(request, pipeline, FormCodec(pipeline, top_k, explain, min_confidence), model, version)
+async def classify(request: Request) -> Any:
+    q, pipeline = read_query(request), request.app.state.pipeline
+    return await handle(request, pipeline, FormCodec(pipeline, q.top_k, q.explain, q.min_confidence), q.model, q.version)
 
 
 def parse_batch(body: bytes) -> BatchRequest:
@@ -183,8 +184,8 @@ class BatchCodec(FormCodec):
 
 
 @router.post("/classify/batch", response_model=BatchResponse, response_model_exclude_none=True,
-             summary="Classify up to 64 images in one call", openapi_extra=BATCH_BODY_SCHEMA,
+             summary="Classify up to 64 images in one call", openapi_extra={**INFER_QUERY_OPENAPI, **BATCH_BODY_SCHEMA},
              responses=error_responses(400, 401, 404, 413, 415, 422, 500, 503, 504))
-async def classify_batch(request: Request, pipeline: PipelineDep, top_k: TopK = 3, explain: Explain = False,
-                         min_confidence: MinConfidence = None, model: ModelName = None, version: ModelVersion = None) -> Any:
-    return await handle(request, pipeline, BatchCodec(pipeline, top_k, explain, min_confidence), model, version)
+async def classify_batch(request: Request) -> Any:
+    q, pipeline = read_query(request), request.app.state.pipeline
+    return await handle(request, pipeline, BatchCodec(pipeline, q.top_k, q.explain, q.min_confidence), q.model, q.version)
