@@ -13,8 +13,9 @@ once (``QueueFull``); a row that waited longer than ``timeout_s`` is answered
 collected or running skips the queue and runs at once, as the batcher's own task: batching cannot
 help it, the hand-off and the ``max_delay_s`` wait would only add to its latency (measured neutral
 on 2 cores: docs/performance.md). Where ``run_lone`` is given (and ``direct``) and no backend call
-runs in this worker, it first offers the row to it: ``run_lone`` answers it at once, on the event loop (the pipeline's:
-the session with every core, while no other worker is working), or declines with None.
+runs in this worker, it first offers the row to it: ``run_lone`` answers it at once, on the event
+loop (the pipeline's: while no other worker is working, on the session with every core), or
+declines with None.
 ``stop()`` answers every row the batcher holds (queued, or in the batch being collected or run)
 with ``Stopped``, and so is every row submitted after it: no caller is left waiting on a future
 nobody will answer.
