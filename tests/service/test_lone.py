@@ -92,3 +92,30 @@ def test_a_lone_request_takes_the_lone_session_only_while_the_other_workers_idle
     alone = sibling_rows == 0
     assert calls[0] == (alone, 1, alone)  # lone: on the event loop; else in the batcher's thread
     assert calls[1:] and all(c == (False, 2, False) for c in calls[1:])  # its rows: one batch or two
+
+
+def test_the_supervisor_clears_and_reuses_a_gone_workers_slot() -> None:
+    """A worker that is reaped leaves its slot at zero (a killed worker cannot clear its own rows)
+    and the slot goes back to the free list for its replacement."""
+    import multiprocessing
+    import shutil
+    from dataclasses import dataclass
+
+    from service.server import Listen, Supervisor, Worker
+
+    @dataclass
+    class Gone:  # a process that has exited: all _reap reads of it
+        exitcode: int = -9
+        pid: int | None = None
+
+    sup = Supervisor(Settings(provider="cpu"), Listen("127.0.0.1", 0), workers=1)  # type: ignore[call-arg]
+    try:
+        assert sup.board is not None
+        slot = sup.free_slots.pop(0)
+        sup.board[slot] = 5  # its rows in flight when it was killed
+        r, _w = multiprocessing.Pipe(duplex=False)
+        sup.workers.append(Worker(Gone(), r, retiring=True, slot=slot))  # type: ignore[arg-type]
+        sup._reap()
+        assert sup.workers == [] and sup.board[slot] == 0 and slot in sup.free_slots
+    finally:
+        shutil.rmtree(sup.run_dir, ignore_errors=True)
