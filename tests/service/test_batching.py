@@ -257,11 +257,15 @@ def test_a_lone_row_is_offered_to_run_lone_first_and_only_when_nothing_runs(pred
         return real(images, texts)
 
     async def go() -> None:
-        b = Batcher(run, Metrics(), max_batch_size=8, max_delay_s=0.01, run_lone=lone)
+        metrics = Metrics()
+        b = Batcher(run, metrics, max_batch_size=8, max_delay_s=0.01, run_lone=lone)
         await b.start()
         got = await b.submit(img, text, alone=True)
         assert np.allclose(got.probabilities, expected.probabilities, atol=1e-6) and got.batch_size == 1
         assert (offered, batches) == ([1], [])  # answered on the loop: no batch ran
+        # counted as a batch of one that waited for nothing, as the direct path would count it
+        assert metrics.registry.get_sample_value("classifier_batch_size_count") == 1
+        assert metrics.registry.get_sample_value("classifier_queue_wait_seconds_count") == 1
         mode[0] = "decline"
         assert isinstance(await b.submit(img, text, alone=True), Prediction)
         assert (offered, batches) == ([1, 1], [1])  # declined: the direct path ran it
