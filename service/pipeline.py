@@ -180,14 +180,16 @@ class Pipeline:
             # it), with every core (the lone session, where there is one). The other workers' load
             # matters twice: their cores are idle, and under load rows must meet in batches, which
             # a loop busy with one row at a time would never let them do
-            if engine.lone_seconds is None or self.admission.count != 1 or not self.siblings.idle():
+            if self.admission.count != 1 or not self.siblings.idle():
                 return None
             with latency.time():
                 return engine.predict(images, texts, lone=True)
 
         s = self.settings
         return Batcher(infer, self.metrics, s.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue,
-                       s.request_timeout_ms / 1000, self.limiter, run_lone=infer_lone)
+                       s.request_timeout_ms / 1000, self.limiter,
+                       # only a model timed short at load, in a worker that sees the others (Predictor.lone)
+                       run_lone=infer_lone if engine.lone_seconds is not None else None)
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self, load_model: bool = True) -> None:

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(default=False, description="let onnxruntime's idle workers spin (lower latency, steals CPU from decoding)")
     lone_threads: int = Field(default=0, ge=0, description=(
         'onnxruntime threads for a lone request: one row, with nothing else in its worker and no other worker busy, '
-        'run on the event loop (workers of python -m service, a model under 20 ms at one row). Above intra_op_threads, '
+        'run on the event loop (several workers of python -m service, a model under 20 ms at one row). Above intra_op_threads, '
         'each worker (onnxruntime on the CPU) holds a second session of each loaded model version with this many '
         "threads, spinning only during its call: the model's memory twice. 0 = auto: the machine's cores, at most 4; a"
         " value not above intra_op_threads: no second session, lone requests on the worker's own threads. Measured: "

@@ -2,12 +2,13 @@
 
 The supervisor makes the board before it starts the workers and gives each worker a slot; a
 worker writes its own slot (rows admitted and not yet answered) and reads the others'. It is read
-for one decision only: a lone request may run on every core of the machine (``Predictor``'s lone
-session) when no other worker is working, since their cores are then idle; under any load the
-workers keep one share of the cores each. A stale read costs speed, never an answer.
+for one decision only: a lone request may run at once on the event loop, on every core of the
+machine (``Predictor``'s lone session), when no other worker is working, since their cores are then
+idle; under any load rows go to the batchers, where they meet, and each worker keeps its share of
+the cores. A stale read costs speed, never an answer.
 
-Plain shared memory, no lock: each slot has one writer, and a torn or late read only picks the
-other session for one call. A worker that dies leaves its slot set; the supervisor clears it
+Plain shared memory, no lock: each slot has one writer, and a torn or late read only sends one row
+down the other path. A worker that dies leaves its slot set; the supervisor clears it
 before the slot is given to the replacement.
 """
 
@@ -49,4 +50,4 @@ class Siblings:
             return True
         if not self.known:
             return False
-        return sum(self.board[:]) == self.board[self.slot]  # counts are never negative: a sum in C, ~2 µs
+        return sum(self.board[:]) == self.board[self.slot]  # counts are never negative: one sum, a few µs

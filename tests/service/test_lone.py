@@ -60,15 +60,16 @@ def test_the_lone_session_has_every_core_and_answers_as_the_main_one(tiny_artifa
     assert two.lone_session is None and two.lone_seconds is None
 
 
-@pytest.mark.parametrize("sibling_rows", [0, 1])
+@pytest.mark.parametrize("sibling_rows", [0, 1, None])  # None: a process with no board (uvicorn --workers)
 def test_a_lone_request_takes_the_lone_session_only_while_the_other_workers_idle(
-        tiny_artifact: Path, sibling_rows: int) -> None:
+        tiny_artifact: Path, sibling_rows: int | None) -> None:
     board = make_board()
     settings = Settings(model_dir=tiny_artifact, provider="cpu", intra_op_threads=1, lone_threads=2)  # type: ignore[call-arg]
     calls: list[tuple[bool, int, bool]] = []  # (lone, this worker's rows on the board, on the loop's thread)
 
     async def go() -> None:
-        pipeline = Pipeline(settings, Metrics(), WorkerContext(board=board, slot=0))
+        context = WorkerContext() if sibling_rows is None else WorkerContext(board=board, slot=0)
+        pipeline = Pipeline(settings, Metrics(), context)
         await pipeline.start()
         try:
             model = next(pipeline.repository.loaded())
@@ -79,7 +80,7 @@ def test_a_lone_request_takes_the_lone_session_only_while_the_other_workers_idle
                 return real(images, encoded, lone)
 
             model.backend.predict = spy  # type: ignore[method-assign]
-            board[1] = sibling_rows  # another worker, with or without rows in flight
+            board[1] = sibling_rows or 0  # another worker, with or without rows in flight
             row = Row(jpeg_bytes(), "tomato")
             [answer] = await pipeline.run(model, [row])
             assert answer.batch_size == 1  # type: ignore[union-attr]
@@ -89,9 +90,9 @@ def test_a_lone_request_takes_the_lone_session_only_while_the_other_workers_idle
             await pipeline.stop()
 
     asyncio.run(go())
-    alone = sibling_rows == 0
-    assert calls[0] == (alone, 1, alone)  # lone: on the event loop; else in the batcher's thread
-    assert calls[1:] and all(c == (False, 2, False) for c in calls[1:])  # its rows: one batch or two
+    alone, seen = sibling_rows == 0, sibling_rows is not None  # with no board, nothing is written to one
+    assert calls[0] == (alone, int(seen), alone)  # lone: on the event loop; else in the batcher's thread
+    assert calls[1:] and all(c == (False, 2 * seen, False) for c in calls[1:])  # its rows: one batch or two
 
 
 def test_the_supervisor_clears_and_reuses_a_gone_workers_slot() -> None:
